@@ -1,0 +1,249 @@
+"""
+Problem sources. A problem is a dict {"prompt": user message text (no chat template), "answer": ground truth}
+plus a few extra keys ("source", and "level"/"key" for synthetic problems).
+
+    from data import load_problems
+    load_problems("synthetic:1", split="test", n=200)   # built-in arithmetic, level 1..5 (offline default)
+    load_problems("data/math_train.parquet", n=7500)     # local .jsonl / .json / .parquet file
+    load_problems("hf:openai/gsm8k:main", split="test")  # Hugging Face hub (needs `datasets` and network)
+
+File rows are recognised one by one: GSM8K (question, answer with "#### n"), MATH (problem + answer, or a
+solution with a \\boxed{} answer), DAPO-Math (prompt as a string or chat messages, reward_model.ground_truth),
+or plain (prompt, answer). Malformed rows are skipped and counted in one warning line.
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+
+from reward import extract_answer
+
+PROMPT_TEMPLATE = "{question} Put the final answer in \\boxed{{}}."  # synthetic problems
+MATH_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."  # as verl, for datasets
+TEST_FRACTION = 0.2       # share of the synthetic problem space held out as the test split
+SYNTHETIC_DEFAULT_N = 1000
+LEVELS = (1, 2, 3, 4, 5)
+
+# -----------------------------------------------------------------------------
+# synthetic arithmetic
+
+NAMES = ["Ava", "Ben", "Mia", "Leo", "Zoe", "Sam", "Ivy", "Max"]
+ITEMS = ["apples", "books", "marbles", "stickers", "pencils", "cards"]
+
+def _draw(rng, level):
+    """One random problem: (key, question, answer). key = (kind, *numbers) is the canonical problem."""
+    r = rng.randint
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    if level == 1:  # SmolLM2-135M-Instruct solves ~20% greedy: keep it this easy
+        a, b = r(1, 30), r(1, 30)
+        return ("add", *sorted((a, b))), f"What is {a} + {b}?", a + b
+    if level == 2:
+        kind = rng.choice(["add", "sub", "mul"])
+        if kind == "mul":
+            a, b = r(2, 12), r(2, 12)
+            return ("mul", *sorted((a, b))), f"What is {a} * {b}?", a * b
+        a, b = r(10, 99), r(10, 99)
+        if kind == "add":
+            return ("add", *sorted((a, b))), f"What is {a} + {b}?", a + b
+        a, b = max(a, b), min(a, b)
+        return ("sub", a, b), f"What is {a} - {b}?", a - b
+    if level == 3:  # two operations; answers may be negative
+        if rng.random() < 0.5:
+            a, b, c = r(2, 20), r(2, 20), r(1, 100)
+            return ("mul_add", *sorted((a, b)), c), f"What is {a} * {b} + {c}?", a * b + c
+        a, b, c = r(10, 200), r(10, 200), r(10, 400)
+        return ("add_sub", *sorted((a, b)), c), f"What is {a} + {b} - {c}?", a + b - c
+    if level == 4:  # one-step word problems, bigger numbers
+        kind = rng.choice(["buy", "give", "groups", "share"])
+        a, b = r(100, 999), r(10, 99)
+        if kind == "buy":
+            return ("buy", a, b), f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", a + b
+        if kind == "give":
+            return ("give", a, b), f"{name} has {a} {item} and gives away {b}. How many {item} are left?", a - b
+        a, b = r(3, 25), r(3, 25)
+        if kind == "groups":
+            return ("groups", a, b), f"There are {a} boxes with {b} {item} in each box. How many {item} are there in total?", a * b
+        return ("share", a, b), f"{name} shares {a * b} {item} equally among {a} friends. How many {item} does each friend get?", b
+    # level 5: two-step word problems
+    if rng.random() < 0.5:
+        a, b, c = r(10, 99), r(2, 9), r(3, 12)
+        d = r(1, a + b * c)
+        q = (f"{name} has {a} {item}, buys {b} packs of {c} {item} each, and then gives away {d}. "
+             f"How many {item} does {name} have now?")
+        return ("pack_give", a, b, c, d), q, a + b * c - d
+    price, count, extra = r(2, 25), r(2, 9), r(1, 50)
+    pay = -(-(price * count + extra) // 10) * 10  # a round amount that covers the bill
+    q = (f"A pen costs {price} dollars. {name} buys {count} pens and pays with {pay} dollars. "
+         f"How much change does {name} get, in dollars?")
+    return ("change", price, count, pay), q, pay - price * count
+
+def in_test_split(key):
+    """Whether the canonical problem `key` belongs to the test split: a fixed hash, independent of any seed."""
+    h = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "big")
+    return h % 10_000 < TEST_FRACTION * 10_000
+
+def synthetic(n, level=1, split="train", seed=0):
+    """n arithmetic problems of a level (1 = "What is a + b?", a, b in 1..30; up to 5 = two-step word
+    problems) from one split. Deterministic in (n, level, split, seed); distinct until the split runs out."""
+    if level not in LEVELS:
+        raise ValueError(f"synthetic level must be one of {LEVELS}, got {level}")
+    if split not in ("train", "test"):
+        raise ValueError(f"synthetic split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"{seed}:{level}:{split}")  # str seeds are hashed stably across processes
+    out, seen, misses = [], set(), 0
+    while len(out) < n:
+        key, question, answer = _draw(rng, level)
+        if in_test_split(key) != (split == "test"):
+            continue
+        if key in seen:
+            misses += 1
+            if misses > 20 * len(seen) + 100:  # the split is used up (level 1 is small): start another pass
+                seen.clear()
+            continue
+        seen.add(key)
+        misses = 0
+        out.append({"prompt": PROMPT_TEMPLATE.format(question=question), "answer": str(answer),
+                    "source": "synthetic", "level": level, "key": key})
+    return out
+
+# -----------------------------------------------------------------------------
+# files and the hub
+
+def _read_rows(path):
+    """Yield each row of a .jsonl / .json / .parquet file as a dict, or None for an unreadable one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path} (check the path, or use synthetic[:L] / hf:owner/name)")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+        yield from pq.read_table(path).to_pylist()
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json") and text.lstrip().startswith("["):  # a JSON array; otherwise JSON lines
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: not valid JSON; fix it or save it as JSON lines (.jsonl)") from None
+        yield from rows
+        return
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield None
+
+def _message_text(prompt):
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):  # chat messages: the (first) user turn
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return users[0] if users else None
+    return None
+
+def parse_row(row):
+    """A problem dict from one dataset row (format auto-detected), or None if the row is malformed."""
+    if not isinstance(row, dict):
+        return None
+    prompt = answer = None
+    if isinstance(row.get("reward_model"), dict):  # DAPO-Math: the prompt already says how to answer
+        prompt, answer, source = _message_text(row.get("prompt")), row["reward_model"].get("ground_truth"), "dapo"
+    elif "problem" in row:  # MATH: a final-answer field, else the last \boxed{} of the solution
+        answer = row.get("answer")
+        if not (isinstance(answer, str) and answer.strip()) and isinstance(row.get("solution"), str):
+            answer = extract_answer(row["solution"], ("boxed",))
+        prompt, source = row["problem"], "math"
+    elif "question" in row and isinstance(row.get("answer"), str):  # GSM8K: "...#### 1,234"
+        answer = row["answer"]
+        if "####" in answer:
+            answer = answer.split("####")[-1].strip().replace(",", "")
+        elif "\n" in answer:
+            answer = None  # a worked solution without a final answer
+        prompt, source = row["question"], "gsm8k"
+    elif isinstance(row.get("prompt"), str) and "answer" in row:  # our own format, used as is
+        prompt, answer, source = row["prompt"], row["answer"], "plain"
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not (isinstance(prompt, str) and prompt.strip() and isinstance(answer, str) and answer.strip()):
+        return None
+    if source in ("math", "gsm8k"):
+        prompt = prompt.strip() + MATH_SUFFIX
+    problem = {"prompt": prompt, "answer": answer.strip(), "source": source}
+    if "level" in row:
+        problem["level"] = row["level"]
+    return problem
+
+def _parse_all(rows, where):
+    problems, skipped = [], 0
+    for row in rows:
+        problem = parse_row(row)
+        if problem is None:
+            skipped += 1
+        else:
+            problems.append(problem)
+    if not problems:
+        raise ValueError(f"{where}: no valid problems in {skipped} rows (expected GSM8K question/answer, "
+                         f"MATH problem/solution, DAPO prompt/reward_model or prompt/answer fields)")
+    if skipped:
+        print(f"warning: skipped {skipped} malformed lines in {where}", file=sys.stderr)
+    return problems
+
+def _hub_rows(name, split):
+    """Rows of a Hugging Face hub dataset "owner/name" or "owner/name:config"."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"loading hub dataset {name!r} needs the datasets package: pip install datasets") from None
+    path, _, config = name.partition(":")
+    try:
+        return datasets.load_dataset(path, config or None, split=split)
+    except Exception as e:  # offline, unknown name or split: one line is enough
+        first_line = str(e).strip().partition("\n")[0]
+        raise ValueError(f"could not load hub dataset {name!r} split {split!r}: {first_line}") from None
+
+def load_problems(source, split="train", n=None, seed=0):
+    """
+    Problems from `source`:
+      "synthetic" or "synthetic:L"  built-in arithmetic at level L (default 1); split "train"/"test";
+                                    n defaults to SYNTHETIC_DEFAULT_N
+      a path ending .jsonl/.json/.parquet   a local file (one split: `split` is not used)
+      "hf:owner/name[:config]" or "owner/name[:config]"   a hub dataset split (needs `datasets`)
+    n: keep a seeded random subset of n problems (None = all). Raises FileNotFoundError / ValueError.
+    """
+    if source == "synthetic" or source.startswith("synthetic:"):
+        level = source.partition(":")[2] or "1"
+        if not level.isdigit():
+            raise ValueError(f"bad source {source!r}: use synthetic:L with a level L in 1..5")
+        return synthetic(SYNTHETIC_DEFAULT_N if n is None else n, int(level), split, seed)
+    if source.endswith((".jsonl", ".json", ".parquet")) or os.path.isfile(source):
+        problems = _parse_all(_read_rows(source), source)
+    elif source.startswith("hf:") or re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", source):
+        name = source.removeprefix("hf:")
+        problems = _parse_all(_hub_rows(name, split), f"{name} ({split})")
+    else:
+        raise ValueError(f"unknown data source {source!r}: use synthetic[:L], a .jsonl/.json/.parquet path "
+                         f"or hf:owner/name[:config]")
+    if n is not None and n < len(problems):
+        problems = random.Random(seed).sample(problems, n)
+    return problems
+
+def load_preferences(path):
+    """Offline DPO pairs from a .jsonl (or .json/.parquet) file of {prompt, chosen, rejected} strings."""
+    pairs, skipped = [], 0
+    for row in _read_rows(path):
+        fields = [row.get(k) if isinstance(row, dict) else None for k in ("prompt", "chosen", "rejected")]
+        if all(isinstance(x, str) and x.strip() for x in fields):
+            pairs.append(dict(zip(("prompt", "chosen", "rejected"), fields)))
+        else:
+            skipped += 1
+    if not pairs:
+        raise ValueError(f"{path}: no valid preference pairs in {skipped} rows (expected prompt, chosen, rejected strings)")
+    if skipped:
+        print(f"warning: skipped {skipped} malformed lines in {path}", file=sys.stderr)
+    return pairs

@@ -1,0 +1,125 @@
+"""model.py against transformers: logit parity, GGUF loading, HF export round-trip, and clear errors on bad input.
+Run: python -m pytest -q tests/test_model.py"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import chat_ids
+from model import from_pretrained, save_pretrained
+
+
+def hf_logits(path, ids):
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_tiny_parity_with_transformers(tiny_dir, arch):
+    path = tiny_dir(arch)
+    model, tok = from_pretrained(path)
+    # positions past original_max_position_embeddings=64 exercise the Llama-3 rope scaling
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids)
+    assert ours.shape == (2, 100, model.cfg.vocab_size)
+    assert (ours - hf_logits(path, ids)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_export_round_trip(tiny_dir, arch, tmp_path):
+    model, tok = from_pretrained(tiny_dir(arch))
+    save_pretrained(model, tok, tmp_path / "out")
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids) - hf_logits(tmp_path / "out", ids)).abs().max() <= 1e-4
+    again, _ = from_pretrained(str(tmp_path / "out"))  # and back into ours
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+
+
+def test_smollm2_gguf_parity(smol, hf_smol):
+    model, tok = smol
+    assert (model.cfg.n_layers, model.cfg.dim, model.cfg.n_heads, model.cfg.n_kv_heads) == (30, 576, 9, 3)
+    ids = torch.tensor(chat_ids(tok, ["What is 17 + 25? Put the final answer in \\boxed{}."]))
+    with torch.no_grad():
+        assert (model(ids) - hf_smol(ids).logits).abs().max() <= 1e-4
+
+
+def test_smollm2_export_round_trip(smol, tmp_path):
+    model, tok = smol
+    save_pretrained(model, tok, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.tensor(chat_ids(tok, ["hello"]))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_padding_mask_and_positions(tiny_dir):
+    """A left-padded row with masked pad keys and shifted positions gives the same logits as the row alone."""
+    from rollout import attn_mask
+    model, _ = from_pretrained(tiny_dir("qwen2"))
+    ids = torch.randint(3, 200, (1, 12))
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], 1)
+    valid = padded != 0
+    pos = (valid.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        assert (model(padded, pos, attn_mask(valid, 0, 17))[:, 5:] - model(ids)).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------- bad input: one clear error each
+
+def test_unknown_name():
+    with pytest.raises(FileNotFoundError, match="not the built-in"):
+        from_pretrained("no-such-model")
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        from_pretrained(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_pretrained(str(tmp_path / "empty"))
+
+
+def test_corrupt_safetensors(tiny_dir, tmp_path):
+    d = shutil.copytree(tiny_dir("llama"), tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        from_pretrained(str(d))
+
+
+def test_unsupported_architecture(tiny_dir, tmp_path):
+    d = shutil.copytree(tiny_dir("llama"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'; supported: llama, qwen2, qwen3"):
+        from_pretrained(str(d))
+
+
+def test_missing_weights(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    d = shutil.copytree(tiny_dir("llama"), tmp_path / "m")
+    sd = load_file(d / "model.safetensors")
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(ValueError, match="missing"):
+        from_pretrained(str(d))
+
+
+def test_tokenizer_without_chat_template(tiny_dir, tmp_path):
+    d = shutil.copytree(tiny_dir("llama"), tmp_path / "m")
+    for name in os.listdir(d):
+        if name.startswith("chat_template"):
+            os.remove(d / name)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    with pytest.raises(ValueError, match="no chat template"):
+        from_pretrained(str(d))

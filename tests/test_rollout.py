@@ -1,0 +1,149 @@
+"""rollout.py: the batched sampler against references (uncached forward, naive argmax loop, transformers generate),
+and its log-probs against the trainer's recompute. Run: python -m pytest -q tests/test_rollout.py"""
+import pytest
+import torch
+
+from conftest import chat_ids
+from model import KVCache, from_pretrained, stop_token_ids
+from rollout import attn_mask, completion_logprobs, decode_one, generate, left_pad
+
+QUESTIONS = ["What is 7 + 12?", "Compute 23 + 5 and put the final answer in \\boxed{}.", "Hi",
+             "Name three colours, then say which one you like best and why."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return from_pretrained(tiny_dir("llama"))
+
+
+def test_cached_decode_equals_uncached_forward(tiny):
+    """Prefill + one-token decode steps through the KV cache give the logits of a full uncached forward."""
+    model, tok = tiny
+    prompts = chat_ids(tok, ["abc", "a much longer prompt"])
+    ids, valid = left_pad(prompts, tok.pad_token_id, "cpu")  # (2, Lp)
+    cont = torch.randint(3, 200, (2, 6))
+    full = torch.cat([ids, cont], 1)
+    fvalid = torch.cat([valid, torch.ones_like(cont, dtype=torch.bool)], 1)
+    fpos = (fvalid.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(full, fpos, attn_mask(fvalid, 0, full.size(1)))  # (2, T, V)
+        Lp = ids.size(1)
+        cache = KVCache(model.cfg, 2, full.size(1), "cpu", torch.float32)
+        out = [model(ids, fpos[:, :Lp], attn_mask(fvalid[:, :Lp], 0, Lp), cache, 0)[:, -1]]
+        for t in range(cont.size(1)):
+            m = attn_mask(fvalid[:, :Lp + t + 1], Lp + t, 1)
+            out.append(decode_one(model, cont[:, t:t + 1], fpos[:, Lp + t:Lp + t + 1], m, cache, Lp + t))
+    ref_rows = ref[:, Lp - 1:]  # logits after the prompt and after each continuation token
+    for t, o in enumerate(out):
+        assert (o - ref_rows[:, t]).abs().max() <= 1e-4
+
+
+def test_greedy_equals_naive_argmax_loop(tiny):
+    model, tok = tiny
+    prompt = chat_ids(tok, ["hello world"])[0]
+    ro = generate(model, [prompt], max_new_tokens=20, temperature=0, stop_ids=[], pad_id=tok.pad_token_id)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(20):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert ro.tokens[0].tolist() == ids[0, len(prompt):].tolist()
+    assert ro.finish == ["length"] and ro.mask.sum() == 20
+
+
+def test_greedy_equals_transformers_generate(smol, hf_smol):
+    """SmolLM2, fp32, prompts of different lengths in one left-padded batch, 32 new tokens, token for token."""
+    model, tok = smol
+    prompts = chat_ids(tok, QUESTIONS)
+    assert len({len(p) for p in prompts}) == len(prompts)
+    stops = stop_token_ids(tok, model.cfg)
+    ro = generate(model, prompts, max_new_tokens=32, temperature=0, stop_ids=stops, pad_id=tok.pad_token_id)
+    ids, valid = left_pad(prompts, tok.pad_token_id, "cpu")
+    out = hf_smol.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=32, do_sample=False,
+                           eos_token_id=stops, pad_token_id=tok.pad_token_id)[:, ids.size(1):]
+    for r in range(len(prompts)):
+        n = int(ro.mask[r].sum())
+        assert ro.tokens[r, :n].tolist() == out[r, :n].tolist()
+        assert n == 32 or out[r, n - 1].item() in stops  # both stopped at the same place
+
+
+def test_left_padded_batch_equals_each_prompt_alone(smol):
+    model, tok = smol
+    prompts = chat_ids(tok, QUESTIONS[:3])
+    batch = generate(model, prompts, max_new_tokens=16, temperature=0, pad_id=tok.pad_token_id)
+    for r, p in enumerate(prompts):
+        alone = generate(model, [p], max_new_tokens=16, temperature=0, pad_id=tok.pad_token_id)
+        assert batch.tokens[r].tolist() == alone.tokens[0].tolist()
+        assert (batch.logp[r] - alone.logp[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logp_equals_recomputed(smol, temperature):
+    """old_logp from the sampler == logp from a full forward of prompt+completion: ratio exactly 1 on-policy."""
+    model, tok = smol
+    stops = stop_token_ids(tok, model.cfg)
+    ro = generate(model, chat_ids(tok, QUESTIONS), k=2, max_new_tokens=24, temperature=temperature, stop_ids=stops,
+                  pad_id=tok.pad_token_id, seed=3)
+    with torch.no_grad():
+        logp, ent = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, temperature,
+                                        entropy=True, chunk_rows=3)
+    assert (logp - ro.logp).abs().max() <= 1e-4
+    assert ((ro.logp == 0) | (ro.mask > 0)).all() and (ent >= 0).all() and (ent[ro.mask > 0] > 0).any()
+
+
+def test_seeded_reproducible_and_rows_independent(tiny):
+    model, tok = tiny
+    prompts = chat_ids(tok, ["x", "yy"])
+    a = generate(model, prompts, k=4, max_new_tokens=12, temperature=1.0, seed=7)
+    b = generate(model, prompts, k=4, max_new_tokens=12, temperature=1.0, seed=7)
+    c = generate(model, prompts, k=4, max_new_tokens=12, temperature=1.0, seed=8)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logp, b.logp)
+    assert not torch.equal(a.tokens, c.tokens)
+    for p in range(2):  # the k samples of one prompt are not forced equal (first token included)
+        group = a.tokens[p * 4:(p + 1) * 4]
+        assert len({tuple(r.tolist()) for r in group}) > 1
+        assert len(set(group[:, 0].tolist())) > 1
+
+
+def test_stop_mask_and_max_new_tokens(tiny):
+    model, tok = tiny
+    prompts = chat_ids(tok, ["a", "bb", "ccc"])
+    free = generate(model, prompts, k=3, max_new_tokens=15, temperature=1.0, seed=0)
+    # make a stop token out of a token sampled mid-way, so some rows stop and others do not
+    stop = int(free.tokens[0, 5])
+    ro = generate(model, prompts, k=3, max_new_tokens=15, temperature=1.0, seed=0, stop_ids=[stop], pad_id=0)
+    assert ro.tokens.size(1) <= 15
+    for r in range(ro.tokens.size(0)):
+        toks, m = ro.tokens[r].tolist(), ro.mask[r].tolist()
+        if stop in toks:
+            e = toks.index(stop)
+            assert ro.finish[r] == "eos"
+            assert m[:e + 1] == [1.0] * (e + 1) and sum(m) == e + 1  # mask covers the stop token, nothing after
+            assert all(t == 0 for t in toks[e + 1:])
+        else:
+            assert ro.finish[r] == "length" and sum(m) == 15
+    assert "eos" in ro.finish and "length" in ro.finish
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(tiny):
+    model, tok = tiny
+    prompts = chat_ids(tok, ["hello", "x"])
+    greedy = generate(model, prompts, max_new_tokens=10, temperature=0)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        ro = generate(model, prompts, max_new_tokens=10, temperature=1.0, seed=5, **kw)
+        assert torch.equal(ro.tokens, greedy.tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: compiled CUDA-graph decode vs eager")
+def test_compiled_decode_equals_eager_cuda(tiny):
+    from rollout import make_compiled_decode
+    model, tok = tiny
+    model = model.cuda()
+    prompts = chat_ids(tok, ["hello", "a longer prompt here"])
+    eager = generate(model, prompts, k=2, max_new_tokens=16, temperature=0)
+    fast = generate(model, prompts, k=2, max_new_tokens=16, temperature=0, decode_fn=make_compiled_decode())
+    assert torch.equal(eager.tokens, fast.tokens)
+    assert (eager.logp - fast.logp).abs().max() <= 1e-4
+    with torch.no_grad():  # compiled graphs must read live weights, not a snapshot
+        model.lm_head.weight.mul_(-1)
+    flipped = generate(model, prompts, k=2, max_new_tokens=16, temperature=0, decode_fn=make_compiled_decode())
+    assert not torch.equal(flipped.tokens, fast.tokens)
