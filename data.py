@@ -87,7 +87,8 @@ def in_test_split(key):
 
 def synthetic(n, level=1, split="train", seed=0):
     """n arithmetic problems of a level (1 = "What is a + b?", a, b in 1..30; up to 5 = two-step word
-    problems) from one split. Deterministic in (n, level, split, seed); distinct until the split runs out."""
+    problems) from one split. Deterministic in (n, level, split, seed); distinct until the split runs out, after
+    which train repeats in passes and test stops (level 1 has ~104 test problems)."""
     if level not in LEVELS:
         raise ValueError(f"synthetic level must be one of {LEVELS}, got {level}")
     if split not in ("train", "test"):
@@ -100,8 +101,10 @@ def synthetic(n, level=1, split="train", seed=0):
             continue
         if key in seen:
             misses += 1
-            if misses > 20 * len(seen) + 100:  # the split is used up (level 1 is small): start another pass
-                seen.clear()
+            if misses > 20 * len(seen) + 100:  # the split is used up (level 1 is small)
+                if split == "test":
+                    break  # held-out sets never repeat a problem: n is a cap
+                seen.clear()  # training: start another pass
             continue
         seen.add(key)
         misses = 0

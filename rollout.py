@@ -48,9 +48,10 @@ def attn_mask(valid, q_start, Tq):
     return ((kcol <= qcol) & valid[:, None, :] | (kcol == qcol))[:, None]
 
 
-def sample(logits, temperature, top_k, top_p, generator):
+def sample(logits, temperature, top_k, top_p, u):
     """logits (B, V) fp32 -> (ids (B,), logp (B,)). logp is under the temperature-scaled full softmax, which is what
-    the trainer recomputes; top-k / top-p truncation is not reflected in it (leave them off for training)."""
+    the trainer recomputes; top-k / top-p truncation is not reflected in it (leave them off for training).
+    u (B,) uniforms in [0, 1): the randomness of this draw, one number per row."""
     if temperature == 0:
         ids = logits.argmax(-1)
         return ids, logits.log_softmax(-1).gather(-1, ids[:, None])[:, 0]
@@ -70,8 +71,8 @@ def sample(logits, temperature, top_k, top_p, generator):
         probs = logp_all.exp()
     # inverse-CDF draw: one uniform per row, no host sync, and ~10x cheaper on CPU than exponential noise over (B, V)
     cdf = probs.cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    ids = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.size(-1) - 1)  # right=True skips p=0 tokens
+    ids = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]  # right=True skips p=0 tokens
+    ids = ids.clamp_(max=cdf.size(-1) - 1)
     return ids, logp_all.gather(-1, ids[:, None])[:, 0]
 
 
@@ -79,14 +80,19 @@ def sample(logits, temperature, top_k, top_p, generator):
 def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), pad_id=0,
              seed=0, sync_every=None, decode_fn=None):
     """prompts: list of P token-id lists (ragged). Returns a Rollout with B = P * k rows (see module docstring).
+    seed: an int, or a list of B ints, one per row. Each row draws its own noise from its own seed, so a row's sample
+    does not depend on which other rows share the batch (same result split over DDP ranks, or prompt by prompt).
     sync_every: check "all rows stopped" every this many steps (default 1 on CPU, 16 on GPU).
     decode_fn: an optional compiled replacement for `decode_one` (same signature), e.g. from make_compiled_decode."""
     device = model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
     cfg = model.cfg
-    gen = torch.Generator(device).manual_seed(seed)
     P = len(prompts)
     B = P * k
+    seeds = [hash((seed, r)) & 0x7FFFFFFF for r in range(B)] if isinstance(seed, int) else list(seed)
+    assert len(seeds) == B, f"need one seed per row ({B}), got {len(seeds)}"
+    noise = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    noise = noise.to(device)  # (B, max_new_tokens): row r's uniforms, drawn on CPU so every device agrees
     ids, valid = left_pad(prompts, pad_id, device)  # (P, Lp)
     Lp = ids.size(1)
     S = Lp + max_new_tokens
@@ -112,7 +118,7 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     sync_every = sync_every or (1 if device.type == "cpu" else 16)
     decode = decode_fn or decode_one
     for t in range(max_new_tokens):
-        tok, lp = sample(logits, temperature, top_k, top_p, gen)  # (B,), (B,)
+        tok, lp = sample(logits, temperature, top_k, top_p, noise[:, t])  # (B,), (B,)
         alive = ~done
         tokens[:, t] = torch.where(alive, tok, pad_id)
         logp[:, t] = torch.where(alive, lp, 0.0)

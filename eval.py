@@ -1,0 +1,204 @@
+"""
+Evaluate a model or a training checkpoint on held-out math problems: mean@n ("acc"), unbiased pass@k, maj@n.
+
+    python eval.py --model=out/ckpt.pt                                  # greedy accuracy, synthetic:1 test split
+    python eval.py --model=smollm2-135m-instruct --preset=paper         # paper: 32 samples, T=0.7, top-p 0.8, top-k 20
+    python eval.py --model=out --data=data/math500.jsonl --n_problems=0 --preset=paper --max_new_tokens=4096
+
+    from eval import evaluate
+    metrics = evaluate(model, tok, problems, n=4, temperature=0.7)     # {"acc": .., "pass@1": .., "maj@4": .., ...}
+
+Vocabulary (arXiv 2510.00977 App. C.1): Mean@32 = acc with n=32, Pass@32 = pass@32 with n=32. pass@k uses the
+unbiased estimator of Chen et al. (2021), 1 - C(n-c, k) / C(n, k) averaged over problems; with k = n it is
+"any sample correct". Truncated samples (hit max_new_tokens) score 0, as in training, and do not vote in maj@n.
+"""
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+from config import parse_config
+from data import load_problems
+from model import from_pretrained, stop_token_ids
+from reward import FALLBACKS, extract_answer, math_reward, normalize_answer
+from rollout import generate
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), in product form (no huge binomials)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(answers, scores):
+    """Score of the most frequent answer (None = no vote); ties go to the answer seen first (Counter keeps order)."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return 0.0
+    winner = counts.most_common(1)[0][0]  # most_common sorts stably, so the first-seen answer wins a tie
+    return scores[answers.index(winner)]
+
+
+@torch.no_grad()
+def evaluate(model, tok, problems, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=256, batch_size=64,
+             fallbacks=("boxed",), seed=0, ks=None, verbose=False):
+    """n samples for each problem ({"prompt", "answer"}) -> flat dict of floats: acc (mean@n), pass@k for k in ks
+    (default: powers of 2 up to n, and n), maj@n, trunc (fraction cut at max_new_tokens), len (mean completion
+    tokens), n_problems, n_samples. Row seeds come from (seed, problem index, sample index), so results do not
+    depend on batch_size."""
+    ks = sorted({2 ** i for i in range(n.bit_length())} | {n}) if ks is None else sorted(set(ks))
+    if not all(1 <= k <= n for k in ks):
+        raise ValueError(f"every k in ks must be in 1..n={n}, got {ks}")
+    stop_ids = stop_token_ids(tok, model.cfg)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    per_call = max(1, batch_size // n)  # prompts per generate call: about batch_size rows
+    correct, passes, maj, n_trunc, n_tokens = [], {k: 0.0 for k in ks}, 0.0, 0, 0.0
+    t0 = time.time()
+    for i in range(0, len(problems), per_call):
+        batch = problems[i:i + per_call]
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"] for p in batch]
+        seeds = [hash((seed, i + r // n, r % n)) & 0x7FFFFFFF for r in range(len(batch) * n)]
+        ro = generate(model, prompts, k=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      top_k=top_k, stop_ids=stop_ids, pad_id=pad_id, seed=seeds)
+        lens = ro.mask.sum(1).long().tolist()  # (B,) completion tokens, stop token included
+        texts = tok.batch_decode([row[:L] for row, L in zip(ro.tokens.tolist(), lens)], skip_special_tokens=True)
+        for j, prob in enumerate(batch):
+            rows = range(j * n, (j + 1) * n)  # row r belongs to prompt r // n
+            cut = [ro.finish[r] == "length" for r in rows]
+            scores = [math_reward(texts[r], prob["answer"], fallbacks, truncated=t) for r, t in zip(rows, cut)]
+            # a truncated sample has no final answer: it casts no vote, like it earns no reward
+            answers = [None if t else extract_answer(texts[r], fallbacks) for r, t in zip(rows, cut)]
+            answers = [None if a is None else normalize_answer(a) for a in answers]
+            c = int(sum(scores))
+            correct.append(c)
+            for k in ks:
+                passes[k] += pass_at_k(n, c, k)
+            maj += majority_vote(answers, scores)
+            n_trunc += sum(cut)
+            n_tokens += sum(lens[r] for r in rows)
+        if verbose:
+            print(f"eval {min(i + per_call, len(problems))}/{len(problems)} problems | {time.time() - t0:.1f}s")
+    P, N = max(1, len(problems)), max(1, len(problems) * n)
+    metrics = {"acc": sum(correct) / N}  # mean over problems of c/n (every problem has n samples)
+    metrics.update({f"pass@{k}": v / P for k, v in passes.items()})
+    metrics.update({f"maj@{n}": maj / P, "trunc": n_trunc / N, "len": n_tokens / N,
+                    "n_problems": len(problems), "n_samples": len(problems) * n})
+    return metrics
+
+
+def load_model(name_or_path, device="cpu", dtype=torch.float32):
+    """(model, tok) from a from_pretrained name/path, or from a training checkpoint: a .pt file (or a directory
+    holding ckpt.pt) with {"model": state_dict, "config": {"model": base model name/path, ...}}.
+    Raises FileNotFoundError / ValueError with a one-line message."""
+    path = str(name_or_path)
+    if os.path.isfile(os.path.join(path, "ckpt.pt")):
+        path = os.path.join(path, "ckpt.pt")
+    if not path.endswith(".pt"):
+        return from_pretrained(path, device, dtype)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:  # weights_only=False: our checkpoints also hold config and RNG state; only load files you trust
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        sd, base = ckpt["model"], ckpt["config"]["model"]
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {why})") from None
+    model, tok = from_pretrained(base, device, dtype)
+    try:  # a compiled model's state_dict carries an _orig_mod. prefix
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in sd.items()})
+    except RuntimeError as e:
+        why = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path}: weights do not fit the base model {base!r} ({why})") from None
+    return model, tok
+
+# -----------------------------------------------------------------------------
+# script config
+
+
+@dataclass
+class Config:
+    model: str = "smollm2-135m-instruct"  # from_pretrained name/path, or a training checkpoint (.pt / dir with ckpt.pt)
+    data: str = "synthetic:1"   # load_problems source: synthetic[:L], a .jsonl/.json/.parquet file, hf:owner/name
+    split: str = "test"         # held-out split (synthetic and hub data)
+    n_problems: int = 200       # seeded subset of the problems; 0 = all
+    n_samples: int = 1          # samples per problem: the n in mean@n / pass@k / maj@n
+    temperature: float = 0.0    # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0              # 0 = off
+    max_new_tokens: int = 256   # longer completions count as truncated and score 0
+    batch_size: int = 64        # rows (prompts x samples) per generate call
+    fallbacks: str = ""         # answer extractors (reward.FALLBACKS); "" = boxed,last_number on synthetic, else boxed
+    seed: int = 0               # problem subset and sampling seed
+    device: str = "auto"        # auto = cuda > mps > cpu
+    out: str = "out/eval.json"  # metrics + resolved config
+    preset: str = ""            # "paper": the paper's eval sampling (explicit --key=value still wins)
+
+
+PRESETS = {"": {}, "paper": dict(n_samples=32, temperature=0.7, top_p=0.8, top_k=20)}  # App. C.1 (length 4096 there)
+
+
+def parse_args(argv):
+    """[config files and --key=value ...] -> Config, through config.parse_config (shared with train.py).
+    Raises ValueError / FileNotFoundError with a one-line message (unknown keys name the closest valid one)."""
+    preset = parse_config(Config(), argv).preset  # a first pass finds the preset, so explicit keys override it
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(p for p in PRESETS if p)}")
+    cfg = parse_config(Config(**PRESETS[preset]), argv)
+    if cfg.n_samples < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1 or cfg.n_problems < 0:
+        raise ValueError("n_samples, batch_size and max_new_tokens must be >= 1, n_problems >= 0")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
+        raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+    cfg.fallbacks = cfg.fallbacks or ("boxed,last_number" if cfg.data.startswith("synthetic") else "boxed")
+    if bad := [f for f in cfg.fallbacks.split(",") if f not in FALLBACKS]:
+        raise ValueError(f"unknown fallbacks {bad}: choose from {','.join(FALLBACKS)}")
+    return cfg
+
+# -----------------------------------------------------------------------------
+# script
+
+
+if __name__ == "__main__":
+    def die(msg):  # one line and exit code 2, like a usage error, never a traceback
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+    try:
+        cfg = parse_args(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        die(e)
+    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else
+                                                      "mps" if torch.backends.mps.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        model, tok = load_model(cfg.model, device, dtype)
+        problems = load_problems(cfg.data, cfg.split, cfg.n_problems or None, cfg.seed)
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+        die(e)
+    if not problems:
+        die(f"no problems in {cfg.data!r} split {cfg.split!r}")
+
+    t0 = time.time()
+    metrics = evaluate(model, tok, problems, n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                       top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                       fallbacks=tuple(cfg.fallbacks.split(",")), seed=cfg.seed, verbose=True)
+    dt = time.time() - t0
+
+    print(f"\n{cfg.model} on {cfg.data} ({cfg.split}) | T {cfg.temperature} top_p {cfg.top_p} top_k {cfg.top_k} | {device}")
+    for k, v in metrics.items():
+        label = f"acc (mean@{cfg.n_samples})" if k == "acc" else k
+        print(f"{label:>14}  {v:.4f}" if isinstance(v, float) else f"{label:>14}  {v}")
+    print(f"{'time':>14}  {dt:.1f}s ({metrics['n_samples'] / dt:.1f} samples/s)")
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    with open(cfg.out, "w") as f:
+        json.dump({"metrics": metrics, "config": asdict(cfg), "device": device, "time_s": round(dt, 2)}, f, indent=2)
+    print(f"wrote {cfg.out}")

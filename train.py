@@ -1,0 +1,471 @@
+"""
+nanoGRPO training: one loop for GRPO-k (k=2 is 2-GRPO), 2-GRPO+RS, and DPO (online and offline).
+
+    python train.py                                   # 2-GRPO, SmolLM2-135M-Instruct, synthetic arithmetic (CPU ok)
+    python train.py configs/grpo16.py --num_steps=50  # a config file, then overrides
+    python train.py configs/dpo.py --resume           # continue from out_dir/ckpt.pt
+    torchrun --nproc_per_node=2 train.py configs/grpo2.py
+
+One step follows the paper's protocol (verl's GRPO, paper.md section 10):
+  1. a generation batch of prompts_per_step prompts, k rollouts each (rollout.py)
+  2. binary math rewards (reward.py) and group advantages (loss.py, Eq. 6)
+  3. drop groups whose rewards are all equal: they carry no gradient (2-GRPO's 1(r1 != r2) in Eq. 14);
+     with resample=True, refill them with fresh prompts (2-GRPO+RS) within a rollout budget
+  4. one optimizer update per mini-batch of prompts_per_update prompts; the policy moves between mini-batches, so
+     from the second one on the old/new ratio differs from 1 and clipping acts, as in verl
+  5. log, eval on held-out problems every eval_every steps, checkpoint atomically
+DPO uses the same loop: a "group" is a (chosen, rejected) pair instead of k rollouts, and the loss is Eq. 9.
+"""
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = "smollm2-135m-instruct"  # from_pretrained name: built-in, HF dir, hub id or .gguf file
+    data: str = "synthetic:1"             # training problems (data.load_problems); dpo_offline: a preference .jsonl
+    eval_data: str = ""                   # held-out problems; "" = the test split of `data`
+    fallbacks: str = "boxed,last_number"  # answer extraction order (reward.py): boxed, answer, hash, last_number
+    # algorithm
+    algo: str = "grpo"                    # grpo | dpo (online, pairs from k=2 rollouts) | dpo_offline
+    k: int = 2                            # rollouts per prompt; k=2 is 2-GRPO
+    adv_scale: str = "std"                # std (Eq. 6) | none (Dr. GRPO)
+    adv_unbiased: bool = False            # Bessel std as in verl/TRL (+-0.707 at k=2) instead of the paper's +-1
+    agg: str = "seq_mean"                 # loss aggregation: seq_mean (paper) | token_mean (verl) | const (Dr. GRPO)
+    clip_low: float = 0.2                 # PPO clip range [1 - clip_low, 1 + clip_high] (clip-higher, paper C.1)
+    clip_high: float = 0.28
+    kl_coef: float = 0.0                  # k3 KL to the initial policy; 0 = no reference model (verl's default)
+    beta: float = 0.1                     # DPO temperature
+    label_smoothing: float = 0.0          # conservative DPO
+    ipo: bool = False                     # IPO loss instead of sigmoid DPO
+    resample: bool = False                # 2-GRPO+RS: replace zero-variance groups with fresh prompts
+    rs_max_k: int = 16                    # RS budget: at most prompts_per_step * rs_max_k rollouts a step (16-GRPO's)
+    # batch sizes, in prompts (or pairs)
+    prompts_per_step: int = 32            # generation batch
+    prompts_per_update: int = 32          # optimizer mini-batch; prompts_per_step / prompts_per_update updates a step
+    token_budget: int = 8192              # micro-batch size in tokens (prompt + completion), gradient accumulation
+    num_steps: int = 20
+    # optimizer: AdamW, linear warm-up then constant (paper C.1)
+    lr: float = 1e-5
+    warmup_steps: int = 0                 # in optimizer updates
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0                # max grad norm; 0 = off
+    # sampling during training
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    # eval, logging, checkpoints
+    eval_every: int = 10                  # held-out greedy accuracy every this many steps (and at the end); 0 = end only
+    eval_n: int = 0                       # held-out problems; 0 = all
+    sample_every: int = 5                 # print two decoded rollouts every this many steps; 0 = never
+    save_every: int = 0                   # checkpoint every this many steps; 0 = only at the end
+    out_dir: str = "out"
+    resume: bool = False                  # continue from out_dir/ckpt.pt if it exists
+    wandb: bool = False                   # also log to wandb (WANDB_MODE=offline works without network)
+    wandb_project: str = "nanogrpo"
+    run_name: str = ""
+    # system
+    seed: int = 0
+    device: str = ""                      # "" = cuda if available, else cpu
+    dtype: str = "float32"                # float32 | bfloat16 (autocast, sampling and training alike)
+    compile: bool = False                 # torch.compile the training forward (and the decode step on CUDA)
+    grad_ckpt: bool = False               # activation checkpointing per block
+    threads: int = 0                      # torch CPU threads; 0 = torch's default
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# config, distributed setup, device
+from config import parse_config  # noqa: E402
+from data import load_preferences, load_problems  # noqa: E402
+from eval import evaluate  # noqa: E402
+from loss import dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, seq_logp  # noqa: E402
+from model import from_pretrained, stop_token_ids  # noqa: E402
+from reward import math_reward  # noqa: E402
+from rollout import completion_logprobs, generate, make_compiled_decode  # noqa: E402
+
+try:
+    cfg = parse_config(Config(), sys.argv[1:])
+    if cfg.algo not in ("grpo", "dpo", "dpo_offline"):
+        raise ValueError(f"--algo={cfg.algo}: expected grpo, dpo or dpo_offline")
+    if cfg.algo == "dpo" and cfg.k != 2:
+        raise ValueError(f"--k={cfg.k}: online DPO samples 2 rollouts per prompt; set --k=2")
+    if cfg.prompts_per_step % cfg.prompts_per_update:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of "
+                         f"prompts_per_update={cfg.prompts_per_update}")
+except (ValueError, FileNotFoundError) as e:
+    die(e)
+ddp = "RANK" in os.environ
+rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+if ddp:
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.prompts_per_update % world:
+        die(f"prompts_per_update={cfg.prompts_per_update} must be a multiple of the {world} ranks")
+master = rank == 0
+if cfg.threads:
+    torch.set_num_threads(cfg.threads)
+torch.manual_seed(cfg.seed)
+random.seed(cfg.seed)
+torch.backends.cuda.matmul.allow_tf32 = True
+ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+os.makedirs(cfg.out_dir, exist_ok=True)
+ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+log_file = open(os.path.join(cfg.out_dir, "log.txt"), "a") if master else None
+
+
+def print0(*args):
+    if master:
+        s = " ".join(str(a) for a in args)
+        print(s, flush=True)
+        log_file.write(s + "\n")
+        log_file.flush()
+
+
+print0(f"config: {asdict(cfg)}")
+
+# -----------------------------------------------------------------------------
+# model, reference, data, optimizer
+try:
+    model, tok = from_pretrained(cfg.model, device=device)
+    ref_model = None
+    if cfg.algo != "grpo" or cfg.kl_coef > 0:  # DPO's pi_ref and GRPO's KL anchor: the frozen initial policy
+        ref_model, _ = from_pretrained(cfg.model, device=device)
+        ref_model.requires_grad_(False)
+    if cfg.algo == "dpo_offline":
+        train_items = load_preferences(cfg.data)
+        eval_problems = load_problems(cfg.eval_data, "test", n=cfg.eval_n or None) if cfg.eval_data else []
+    else:
+        train_items = load_problems(cfg.data, "train", seed=cfg.seed)
+        eval_problems = load_problems(cfg.eval_data or cfg.data, "test", n=cfg.eval_n or None)
+except (ValueError, FileNotFoundError) as e:
+    die(e)
+model.train()
+model.gradient_checkpointing = cfg.grad_ckpt
+train_model = torch.compile(model, dynamic=True) if cfg.compile else model  # `model` stays the raw module
+decode_fn = make_compiled_decode() if cfg.compile and device.type == "cuda" else None
+stops = stop_token_ids(tok, model.cfg)
+pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+fallbacks = tuple(cfg.fallbacks.split(","))
+print0(f"model: {cfg.model} ({model.num_params() / 1e6:.1f}M params) on {device}, {world} rank(s); "
+       f"{len(train_items)} training items, {len(eval_problems)} held-out problems")
+
+optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(1.0, (it + 1) / max(1, cfg.warmup_steps)))
+state = dict(step=0, data_pos=0, rollouts=0, wall=0.0, eval0=None, eval_last=None)  # everything the loop carries across steps
+
+if cfg.resume and os.path.exists(ckpt_path):
+    try:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+    except Exception as e:
+        die(f"cannot resume from {ckpt_path}: corrupt or incompatible checkpoint ({type(e).__name__}: {e}); "
+            "delete it to start over, or restore a backup")
+    print0(f"resumed from {ckpt_path} at step {state['step']}")
+
+
+def save_checkpoint():
+    """torch.save to a temp file, fsync, then rename: a crash mid-save leaves the previous ckpt.pt intact."""
+    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                state=state, rng=dict(torch=torch.get_rng_state(), python=random.getstate()), config=asdict(cfg))
+    tmp = ckpt_path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_path)
+
+
+if cfg.wandb and master:
+    import wandb
+    wandb.init(project=cfg.wandb_project, name=cfg.run_name or None, config=asdict(cfg), dir=cfg.out_dir)
+
+# -----------------------------------------------------------------------------
+# batches: a list of groups (k rollouts of one prompt, or one DPO pair), each group a dict of per-row lists
+_encoded = {}
+
+
+def encode(prompt):
+    if prompt not in _encoded:
+        _encoded[prompt] = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"]
+    return _encoded[prompt]
+
+
+def next_items(n):
+    """The next n items of the training stream (reshuffled each epoch), as (global index, item); this rank's share."""
+    out = []
+    for _ in range(n):
+        epoch, i = divmod(state["data_pos"], len(train_items))
+        perm = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        out.append((state["data_pos"], train_items[int(perm[i])]))
+        state["data_pos"] += 1
+    return out[rank::world]
+
+
+def all_sum(x):
+    """Sum a python number over ranks (identity on one process)."""
+    if not ddp:
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def collate(groups):
+    """Groups -> padded tensors on device: prompts left-padded, completions right-padded (the sampler's layout)."""
+    rows = [(g["prompt"], toks, lp, a, rl) for g in groups
+            for toks, lp, a, rl in zip(g["tokens"], g["old_logp"], g["adv"], g["ref_logp"])]
+    B, Lp, Tn = len(rows), max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    b = dict(prompt_ids=torch.full((B, Lp), pad_id), prompt_mask=torch.zeros(B, Lp, dtype=torch.bool),
+             tokens=torch.full((B, Tn), pad_id), mask=torch.zeros(B, Tn), old_logp=torch.zeros(B, Tn),
+             ref_logp=torch.zeros(B, Tn), adv=torch.tensor([r[3] for r in rows], dtype=torch.float32))
+    for i, (p, toks, lp, _, rl) in enumerate(rows):
+        b["prompt_ids"][i, Lp - len(p):] = torch.tensor(p)
+        b["prompt_mask"][i, Lp - len(p):] = True
+        b["tokens"][i, :len(toks)] = torch.tensor(toks)
+        b["mask"][i, :len(toks)] = 1.0
+        b["old_logp"][i, :len(toks)] = lp
+        b["ref_logp"][i, :len(toks)] = rl
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def micro_batches(groups):
+    """Split groups into micro-batches of about token_budget padded tokens; similar lengths together, less padding."""
+    groups = sorted(groups, key=lambda g: len(g["prompt"]) + max(len(t) for t in g["tokens"]))
+    out, cur = [], []
+    for g in groups:
+        width = len(g["prompt"]) + max(len(t) for t in g["tokens"])
+        if cur and (len(cur) + 1) * len(g["tokens"]) * width > cfg.token_budget:
+            out.append(cur)
+            cur = []
+        cur.append(g)
+    return out + [cur] if cur else out
+
+
+@torch.no_grad()
+def add_ref_logp(groups):
+    for mb in micro_batches(groups):
+        b = collate(mb)
+        with ctx:
+            ref = completion_logprobs(ref_model, b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"],
+                                      cfg.temperature if cfg.algo == "grpo" else 1.0).float().cpu()
+        i = 0
+        for g in mb:
+            g["ref_logp"] = [ref[i + j, :len(t)] for j, t in enumerate(g["tokens"])]
+            i += len(g["tokens"])
+
+
+def sample_groups(items, step, k):
+    """k rollouts for each (index, problem) -> one group per problem, with rewards and the raw rollout stats."""
+    prompts = [encode(p["prompt"]) for _, p in items]
+    seeds = [hash((cfg.seed, step, gi, j)) & 0x7FFFFFFF for gi, _ in items for j in range(k)]
+    with ctx:
+        ro = generate(model, prompts, k=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                      stop_ids=stops, pad_id=pad_id, seed=seeds, decode_fn=decode_fn)
+    lens = ro.mask.sum(-1).long().tolist()
+    toks = [ro.tokens[r, :n].tolist() for r, n in enumerate(lens)]
+    texts = tok.batch_decode(toks, skip_special_tokens=True)
+    trunc = [f == "length" for f in ro.finish]
+    rewards = [math_reward(t, items[r // k][1]["answer"], fallbacks, truncated=tr) for r, (t, tr) in enumerate(zip(texts, trunc))]
+    correct = [math_reward(t, items[r // k][1]["answer"], fallbacks) for r, t in enumerate(texts)]  # ignores truncation
+    groups = [dict(prompt=prompts[i], tokens=toks[i * k:(i + 1) * k], texts=texts[i * k:(i + 1) * k],
+                   old_logp=[ro.logp[r, :lens[r]].float().cpu() for r in range(i * k, (i + 1) * k)],
+                   rewards=rewards[i * k:(i + 1) * k], answer=items[i][1]["answer"]) for i in range(len(items))]
+    stats = dict(rewards=rewards, correct=correct, trunc=trunc, lens=lens)
+    return groups, stats
+
+
+def online_batch(step):
+    """GRPO-k / 2-GRPO(+RS) / online DPO: sample, score, keep informative groups, set advantages."""
+    k = cfg.k
+    groups, stats = sample_groups(next_items(cfg.prompts_per_step), step, k)
+    n_groups = len(groups)
+
+    def informative(gs):
+        if cfg.algo == "grpo" and cfg.kl_coef > 0:
+            return gs  # with a KL term every group has a gradient
+        keep = informative_groups(torch.tensor([r for g in gs for r in g["rewards"]]), k).tolist() if gs else []
+        return [g for g, kp in zip(gs, keep) if kp]
+
+    kept = informative(groups)
+    rollouts = all_sum(n_groups * k)
+    while cfg.resample:  # 2-GRPO+RS: refill dropped groups with fresh prompts, within 16-GRPO's rollout budget
+        missing = cfg.prompts_per_step - int(all_sum(len(kept)))
+        if missing <= 0 or rollouts + missing * k > cfg.prompts_per_step * cfg.rs_max_k:
+            break
+        more, more_stats = sample_groups(next_items(missing), step, k)
+        kept += informative(more)
+        n_groups += len(more)
+        rollouts += all_sum(len(more) * k)
+        stats = {key: stats[key] + more_stats[key] for key in stats}
+    kept = kept[:cfg.prompts_per_step // world]
+    for g in kept:
+        r = torch.tensor(g["rewards"])
+        if cfg.algo == "grpo":
+            g["adv"] = group_advantages(r, k, scale=cfg.adv_scale, unbiased=cfg.adv_unbiased).tolist()
+        else:  # online DPO: order the pair (chosen, rejected)
+            order = [0, 1] if r[0] > r[1] else [1, 0]
+            for key in ("tokens", "texts", "old_logp", "rewards"):
+                g[key] = [g[key][i] for i in order]
+            g["adv"] = [0.0, 0.0]
+        g["ref_logp"] = [torch.zeros(len(t)) for t in g["tokens"]]
+    if ref_model is not None:
+        add_ref_logp(kept)
+    stats.update(n_groups=n_groups, rollouts=rollouts)
+    return kept, stats
+
+
+def offline_batch(step):
+    """Offline DPO: the next prompts_per_step preference pairs from the jsonl."""
+    groups = []
+    for _, it in next_items(cfg.prompts_per_step):
+        pair = [tok(t, add_special_tokens=False)["input_ids"][:cfg.max_new_tokens - 1] + [stops[0]]
+                for t in (it["chosen"], it["rejected"])]
+        groups.append(dict(prompt=encode(it["prompt"]), tokens=pair, texts=[it["chosen"], it["rejected"]],
+                           old_logp=[torch.zeros(len(t)) for t in pair], adv=[0.0, 0.0], rewards=[1.0, 0.0],
+                           answer=""))
+    add_ref_logp(groups)
+    lens = [len(t) for g in groups for t in g["tokens"]]
+    return groups, dict(rewards=[], correct=[], trunc=[], lens=lens, n_groups=len(groups), rollouts=0)
+
+
+def compute_loss(b, norm):
+    """Loss of one micro-batch, already divided by the mini-batch normaliser `norm` (summed over ranks)."""
+    with ctx:
+        logp, ent = completion_logprobs(train_model, b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"],
+                                        cfg.temperature if cfg.algo == "grpo" else 1.0, entropy=True)
+    logp = logp.float()
+    if cfg.algo == "grpo":
+        loss, m = grpo_loss(logp, b["old_logp"], b["adv"], b["mask"], cfg.clip_low, cfg.clip_high, cfg.agg, norm,
+                            cfg.max_new_tokens, b["ref_logp"] if cfg.kl_coef > 0 else None, cfg.kl_coef)
+    else:  # rows alternate chosen, rejected; DPO compares summed sequence log-probs (Eq. 9)
+        s, ref = seq_logp(logp, b["mask"]), seq_logp(b["ref_logp"], b["mask"])
+        loss, m = dpo_loss(s[0::2], s[1::2], ref[0::2], ref[1::2], cfg.beta, cfg.label_smoothing, cfg.ipo)
+        loss = loss * (s.numel() // 2) / norm  # mean over this micro-batch's pairs -> share of the mini-batch
+    m["entropy"] = (ent * b["mask"]).sum() / b["mask"].sum().clamp(min=1)
+    return loss, {key: float(v) for key, v in m.items()}
+
+
+def mini_batch_norm(groups):
+    if cfg.algo != "grpo":
+        return all_sum(len(groups))  # DPO: mean over pairs
+    n = loss_norm(collate(groups)["mask"], cfg.agg, cfg.max_new_tokens) if groups else 0.0
+    return all_sum(n)
+
+
+get_batch = offline_batch if cfg.algo == "dpo_offline" else online_batch  # the algorithm is chosen once, here
+
+# -----------------------------------------------------------------------------
+# the loop
+n_updates = cfg.prompts_per_step // cfg.prompts_per_update
+start = state["step"]
+for step in range(start, cfg.num_steps + 1):
+    last_step = step == cfg.num_steps
+    if eval_problems and (last_step or (cfg.eval_every and step % cfg.eval_every == 0)) and not (step == start and start):
+        if master:
+            model.eval()
+            with ctx:
+                res = evaluate(model, tok, eval_problems, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                               fallbacks=fallbacks, seed=cfg.seed)
+            model.train()
+            state["eval0"] = state["eval0"] if state["eval0"] is not None else res["acc"]
+            state["eval_last"] = res["acc"]
+            print0(f"eval step {step:04d} | held-out greedy acc {res['acc']:.4f} | trunc {res['trunc']:.3f} | "
+                   f"len {res['len']:.1f} | {len(eval_problems)} problems")
+            if cfg.wandb:
+                wandb.log({"eval/acc": res["acc"], "eval/trunc": res["trunc"], "eval/len": res["len"]}, step=step)
+        if ddp:
+            dist.barrier()
+    if master and step > start and (last_step or (cfg.save_every and step % cfg.save_every == 0)):
+        save_checkpoint()
+    if last_step:
+        break
+
+    # ---- rollouts, rewards, advantages
+    t0 = time.time()
+    model.eval()
+    groups, stats = get_batch(step)
+    model.train()
+    sync()
+    t1 = time.time()
+
+    # ---- updates: one optimizer step per mini-batch, gradient accumulation over micro-batches
+    mets = []
+    gnorm = 0.0
+    for u in range(n_updates):
+        mb = groups[u * len(groups) // n_updates:(u + 1) * len(groups) // n_updates]
+        norm = mini_batch_norm(mb)
+        if norm == 0:
+            continue  # every group of this mini-batch (on every rank) was dropped: nothing to learn from
+        for micro in micro_batches(mb):
+            loss, m = compute_loss(collate(micro), norm)
+            loss.backward()
+            mets.append(m)
+        if ddp:  # sum gradients over ranks; each rank's loss was already divided by the global normaliser
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    t2 = time.time()
+
+    # ---- logging
+    state["step"] = step + 1
+    state["rollouts"] += stats["rollouts"]
+    state["wall"] += t2 - t0
+    avg = lambda key: sum(m[key] for m in mets) / len(mets) if mets and key in mets[0] else 0.0
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+    n_tok = all_sum(sum(stats["lens"]))
+    log = dict(reward=all_sum(sum(stats["rewards"])) / max(1, all_sum(len(stats["rewards"]))),
+               acc=all_sum(sum(stats["correct"])) / max(1, all_sum(len(stats["correct"]))),
+               zero_var=1 - all_sum(len(groups)) / max(1, all_sum(stats["n_groups"])),
+               trunc=mean(stats["trunc"]), len=mean(stats["lens"]), clip_low=avg("clipfrac_low"),
+               clip_high=avg("clipfrac_high"), kl=avg("approx_kl"), kl_ref=avg("kl_ref"), entropy=avg("entropy"),
+               dpo_acc=avg("reward_acc"), margin=avg("reward_margin"), gnorm=gnorm, lr=scheduler.get_last_lr()[0],
+               roll_s=t1 - t0, train_s=t2 - t1, tok_s=n_tok / max(t1 - t0, 1e-9), rollouts=state["rollouts"],
+               wall_min=state["wall"] / 60)
+    shown = ["reward", "acc", "zero_var", "trunc", "len"] + (
+        ["clip_low", "clip_high", "kl", "entropy"] if cfg.algo == "grpo" else ["dpo_acc", "margin", "entropy"])
+    print0(f"step {step:04d}/{cfg.num_steps:04d} | " + " | ".join(f"{key} {log[key]:.3f}" for key in shown) +
+           f" | gnorm {gnorm:.2f} | lr {log['lr']:.1e} | roll {log['roll_s']:.1f}s | train {log['train_s']:.1f}s | "
+           f"tok/s {log['tok_s']:.0f} | rollouts {state['rollouts']} | {log['wall_min']:.1f} min")
+    if cfg.wandb and master:
+        wandb.log({f"train/{key}": v for key, v in log.items()}, step=step)
+    if cfg.sample_every and step % cfg.sample_every == 0 and groups:
+        for g in groups[:2]:
+            print0(f"  sample | answer {g['answer']} | rewards {g['rewards']} | {g['texts'][0][:300]!r}")
+
+if state["eval0"] is not None and state["eval_last"] is not None:
+    print0(f"held-out greedy accuracy: {100 * state['eval0']:.1f}% -> {100 * state['eval_last']:.1f}% "
+           f"({100 * (state['eval_last'] - state['eval0']):+.1f} points) in {state['wall'] / 60:.1f} min of training, "
+           f"{state['rollouts']} rollouts")
+if cfg.wandb and master:
+    wandb.finish()
+if ddp:
+    dist.destroy_process_group()
