@@ -140,6 +140,10 @@ class KVCache(nn.Module):
         self.v[layer].index_copy_(2, cols, v.to(self.v.dtype))
         return self.k[layer], self.v[layer]
 
+    def keep_rows(self, idx):
+        """Keep only batch rows idx (a LongTensor): the sampler drops rows that have finished."""
+        self.k, self.v = self.k[:, idx], self.v[:, idx]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg):

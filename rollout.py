@@ -117,21 +117,30 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     hit_eos = torch.zeros(B, dtype=torch.bool, device=device)
     sync_every = sync_every or (1 if device.type == "cpu" else 16)
     decode = decode_fn or decode_one
+    rows = torch.arange(B, device=device)  # decode row i writes output row rows[i]; eager mode drops finished rows
     for t in range(max_new_tokens):
-        tok, lp = sample(logits, temperature, top_k, top_p, noise[:, t])  # (B,), (B,)
-        alive = ~done
-        tokens[:, t] = torch.where(alive, tok, pad_id)
-        logp[:, t] = torch.where(alive, lp, 0.0)
-        mask[:, t] = alive.float()
+        tok, lp = sample(logits, temperature, top_k, top_p, noise[rows, t])  # (b,), (b,)
+        alive = ~done[rows]
+        tokens[rows, t] = torch.where(alive, tok, pad_id)
+        logp[rows, t] = torch.where(alive, lp, 0.0)
+        mask[rows, t] = alive.float()
         is_stop = alive & torch.isin(tok, stop)
-        hit_eos |= is_stop
-        done |= is_stop
-        if t == max_new_tokens - 1 or ((t + 1) % sync_every == 0 and bool(done.all())):
+        hit_eos[rows] |= is_stop
+        done[rows] |= is_stop
+        if t == max_new_tokens - 1:
             break
+        if (t + 1) % sync_every == 0:  # the only host syncs: stop early, and shrink the batch as rows finish
+            n_alive = int(alive.sum()) - int(is_stop.sum())
+            if n_alive == 0:
+                break
+            if decode_fn is None and n_alive <= 0.75 * len(rows):  # RL rollouts are mostly short: ~2x less decode
+                keep = (~done[rows]).nonzero()[:, 0]
+                rows, logits = rows[keep], logits[keep]
+                cache.keep_rows(keep)
         # feed the token at column Lp + t; a static-width mask keeps shapes fixed for compiled decode
         width = S if decode_fn is not None else Lp + t + 1
-        step_mask = kv_valid[:, None, None, :width] & (torch.arange(width, device=device) <= Lp + t)
-        logits = decode(model, tokens[:, t:t + 1], (next_pos + t)[:, None], step_mask, cache, Lp + t)
+        step_mask = kv_valid[rows, None, None, :width] & (torch.arange(width, device=device) <= Lp + t)
+        logits = decode(model, tokens[rows, t:t + 1], (next_pos[rows] + t)[:, None], step_mask, cache, Lp + t)
     Tn = int(mask.sum(0).nonzero().max()) + 1 if mask.any() else 1  # drop columns no row reached
     finish = ["eos" if e else "length" for e in hit_eos.tolist()]
     return Rollout(ids.repeat_interleave(k, 0), valid.repeat_interleave(k, 0), tokens[:, :Tn], mask[:, :Tn],

@@ -29,8 +29,9 @@ def byte_tokenizer():
     return tok
 
 
-def make_tiny(path, arch="llama", seed=0, **overrides):
-    """Save a tiny random transformers model of the given family, plus the byte tokenizer, to `path`."""
+def make_tiny(path, arch="llama", seed=0, favour=(), **overrides):
+    """Save a tiny random transformers model of the given family, plus the byte tokenizer, to `path`.
+    favour: tokens (strings) the model should emit often, so RL tests get mixed rewards (llama only: untied head)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
     tok = byte_tokenizer()
     common = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -51,6 +52,10 @@ def make_tiny(path, arch="llama", seed=0, **overrides):
         for n, p in m.named_parameters():
             if n.endswith("bias") or "norm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
+        if favour:  # a constant feature in every embedding, read out by the head rows of the favoured tokens
+            m.model.embed_tokens.weight[:, 0] = 5.0
+            m.lm_head.weight[:, 0] = 0.0
+            m.lm_head.weight[[tok.convert_tokens_to_ids(t) for t in favour], 0] = 1.5
     m.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

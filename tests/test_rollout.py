@@ -147,3 +147,21 @@ def test_compiled_decode_equals_eager_cuda(tiny):
         model.lm_head.weight.mul_(-1)
     flipped = generate(model, prompts, k=2, max_new_tokens=16, temperature=0, decode_fn=make_compiled_decode())
     assert not torch.equal(flipped.tokens, fast.tokens)
+
+
+def test_rows_do_not_depend_on_batch_composition(smol):
+    """Per-row seeds: a prompt's k samples are the same alone or inside a bigger batch (T=1, rows finishing at
+    different times, so finished rows are also dropped from the decode batch on the way)."""
+    model, tok = smol
+    stops = stop_token_ids(tok, model.cfg)
+    prompts = chat_ids(tok, QUESTIONS)
+    seeds = list(range(100, 100 + 2 * len(prompts)))
+    batch = generate(model, prompts, k=2, max_new_tokens=20, temperature=1.0, stop_ids=stops, seed=seeds,
+                     pad_id=tok.pad_token_id)
+    assert "eos" in batch.finish and "length" in batch.finish
+    for p in (0, 2):
+        alone = generate(model, [prompts[p]], k=2, max_new_tokens=20, temperature=1.0, stop_ids=stops,
+                         seed=seeds[2 * p:2 * p + 2], pad_id=tok.pad_token_id)
+        n = alone.tokens.size(1)
+        assert batch.tokens[2 * p:2 * p + 2, :n].tolist() == alone.tokens.tolist()
+        assert (batch.logp[2 * p:2 * p + 2, :n] - alone.logp).abs().max() <= 1e-4

@@ -1,0 +1,262 @@
+"""
+nanoGRPO against its peers on identical work, side by side in one run (issue 6). Notes and results: dev/perf.md.
+
+    python bench.py               # all rows: sampler fp32 + bf16, RL step ours vs TRL, MFU, peak memory
+    python bench.py --quick       # smoke test: smaller sampler work, 1 timed RL step
+    python bench.py --skip-trl    # no TRL row (TRL is a benchmark-only dependency: pip install trl)
+    python bench.py --steps=5     # timed RL steps per trainer, after one untimed warm-up step (default 3)
+
+Rows (same weights everywhere: the embedded SmolLM2-135M-Instruct, exported once to a temp HF dir for transformers):
+  sampler   tokens/s of rollout.generate vs transformers' model.generate on 32 prompts x 2 samples x 64 new tokens,
+            plain T=1 sampling over the full vocab, left padding, same stop ids; tokens = generated tokens up to and
+            including the stop token (or 64), counted the same way for both; fp32, then both models cast to bf16
+  RL step   seconds per step, split into gen (sampling + rewards [+ ref log-probs]) and update (forward, backward,
+            AdamW): 8 synthetic:1 prompts x k=8, <= 48 new tokens, T=1, no KL, one update per batch, lr 1e-6, same
+            reward (math_reward, fallbacks boxed,last_number, truncated = 0). Ours runs train.py in a subprocess and
+            parses its log; TRL runs GRPOTrainer in a subprocess with its generation method wrapped in a timer
+  MFU       update FLOP/s (6 * params * trained tokens + causal attention) / the matmul peak measured here (fp32)
+  mem       peak RSS of the trainer's process (CPU) or torch.cuda.max_memory_allocated (CUDA)
+"""
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from data import load_problems
+from model import from_pretrained, save_pretrained, stop_token_ids
+from reward import math_reward
+from rollout import generate
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+FALLBACKS = ("boxed", "last_number")
+P_STEP, K, MAX_NEW = 8, 8, 48  # the RL step's work
+
+
+def chat(tok, text):
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                                   return_dict=True)["input_ids"]
+
+
+def peak_mem():
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def matmul_peak(dtype, seconds=1.0):
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: thread pool / cuBLAS handles
+    sync()
+    it, t0 = 0, time.time()
+    while it < 3 or time.time() - t0 < seconds:
+        a @ b
+        it += 1
+        sync()
+    return 2 * n ** 3 * it / (time.time() - t0)
+
+# -----------------------------------------------------------------------------
+# 1. sampler: ours vs transformers' generate
+
+
+def bench_sampler(model, hf, tok, prompts, new, reps):
+    stops = stop_token_ids(tok, model.cfg)
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[stops[0]] * (L - len(p)) + p for p in prompts], device=device)  # left padding
+    am = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
+    stop_t = torch.tensor(stops, device=device)
+
+    def ours(n):
+        ro = generate(model, prompts, k=2, max_new_tokens=n, temperature=1.0, stop_ids=stops, pad_id=stops[0], seed=0)
+        return int(ro.mask.sum())
+
+    def theirs(n):
+        out = hf.generate(input_ids=ids, attention_mask=am, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          num_return_sequences=2, max_new_tokens=n, eos_token_id=stops, pad_token_id=stops[0])
+        gen = out[:, L:]
+        hit = torch.isin(gen, stop_t)
+        return int(torch.where(hit.any(1), hit.int().argmax(1) + 1, gen.size(1)).sum())  # up to and incl. the stop
+
+    res = []
+    for fn in (ours, theirs):
+        torch.manual_seed(0)
+        fn(4)  # warm-up
+        best = 0.0
+        for _ in range(reps):  # best of reps: the machine is shared, the max is the least disturbed run
+            sync()
+            t0 = time.time()
+            n = fn(new)
+            sync()
+            best = max(best, n / (time.time() - t0))
+        res.append(best)
+    return res
+
+# -----------------------------------------------------------------------------
+# 2. RL step: ours (train.py in a subprocess) and TRL's GRPOTrainer (bench.py --trl-worker in a subprocess)
+
+# runs train.py unchanged and reports the process's peak memory when it exits
+WRAP = ("import atexit, resource, runpy, sys, torch; sys.argv = ['train.py'] + sys.argv[1:]; "
+        "atexit.register(lambda: print('PEAKMEM', torch.cuda.max_memory_allocated() if torch.cuda.is_available() "
+        "else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)); "
+        "runpy.run_path('train.py', run_name='__main__')")
+LINE = re.compile(r"step (\d+)/\d+ .*?zero_var ([\d.]+) .*?len ([\d.]+) .*?roll ([\d.]+)s \| train ([\d.]+)s")
+
+
+def run_ours(steps, prompt_len, extra=()):
+    with tempfile.TemporaryDirectory() as out:
+        args = [f"--prompts_per_step={P_STEP}", f"--prompts_per_update={P_STEP}", f"--k={K}", f"--max_new_tokens={MAX_NEW}",
+                f"--num_steps={steps + 1}", "--eval_every=0", "--eval_n=1", "--lr=1e-6", "--sample_every=0",
+                "--temperature=1.0", "--data=synthetic:1", f"--out_dir={out}", *extra]
+        p = subprocess.run([sys.executable, "-c", WRAP, *args], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"train.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    rows = [tuple(map(float, m.groups())) for m in LINE.finditer(p.stdout)][1:]  # drop the warm-up step
+    mean = lambda i: sum(r[i] for r in rows) / len(rows)
+    # trained tokens ~ kept rows x (prompt + mean completion): the log has no exact count
+    trained = (1 - mean(1)) * P_STEP * K * (prompt_len + mean(2))
+    return dict(gen=mean(3), update=mean(4), tokens=trained, seq=prompt_len + mean(2), zero_var=mean(1),
+                mem=float(re.search(r"PEAKMEM (\d+)", p.stdout).group(1)))
+
+
+def trl_worker(hf_dir, steps):
+    """GRPOTrainer on the same work; prints one RESULT json line."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    stops = stop_token_ids(tok)
+    probs = load_problems("synthetic:1", "train")[:P_STEP * (steps + 1)]
+    ds = Dataset.from_list([dict(prompt=[{"role": "user", "content": p["prompt"]}], answer=p["answer"]) for p in probs])
+
+    def reward(completions, answer, completion_ids, **kw):  # truncated (no stop within 48 tokens) scores 0, as ours
+        return [math_reward(c[0]["content"], a, FALLBACKS, truncated=len(ids) >= MAX_NEW and ids[-1] not in stops)
+                for c, a, ids in zip(completions, answer, completion_ids)]
+
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(output_dir=out, num_generations=K, per_device_train_batch_size=P_STEP * K,
+                          gradient_accumulation_steps=1, max_completion_length=MAX_NEW, temperature=1.0, top_k=0,
+                          top_p=1.0, beta=0.0, learning_rate=1e-6, lr_scheduler_type="constant", num_iterations=1,
+                          loss_type="grpo", epsilon=0.2, epsilon_high=0.28, use_vllm=False, logging_steps=1,
+                          report_to=[], bf16=False, max_steps=steps + 1, save_strategy="no", seed=0,
+                          generation_kwargs=dict(eos_token_id=stops))
+        trainer = GRPOTrainer(model=hf_dir, reward_funcs=reward, args=args, train_dataset=ds)
+        gen, step, toks = [], [], []
+        orig = trainer._generate_and_score_completions
+
+        def timed(*a, **kw):  # generation + rewards + advantages, the same span as our "roll"
+            t0 = time.time()
+            out = orig(*a, **kw)
+            sync()
+            gen.append(time.time() - t0)
+            toks.append(float(out["prompt_mask"].sum() + out["completion_mask"].sum()))  # trains on every row
+            return out
+        trainer._generate_and_score_completions = timed
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, *a, **kw):
+                self.t0 = time.time()
+
+            def on_step_end(self, *a, **kw):
+                sync()
+                step.append(time.time() - self.t0)
+        trainer.add_callback(StepTimer())
+        trainer.train()
+    g, s = gen[1:], step[1:]  # drop the warm-up step
+    mean = lambda xs: sum(xs) / len(xs)
+    print("RESULT " + json.dumps(dict(gen=mean(g), update=mean(s) - mean(g), tokens=mean(toks[1:]),
+                                      seq=mean(toks[1:]) / (P_STEP * K), mem=peak_mem())), flush=True)
+
+
+def run_trl(hf_dir, steps):
+    try:
+        import trl
+    except ImportError:
+        print("TRL not installed: pip install trl (benchmark-only dependency); skipping the TRL row")
+        return None, None
+    p = subprocess.run([sys.executable, __file__, "--trl-worker", hf_dir, str(steps)], cwd=ROOT, capture_output=True,
+                       text=True)
+    m = re.search(r"RESULT (.*)", p.stdout)
+    if not m:
+        sys.exit(f"TRL worker failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return json.loads(m.group(1)), trl.__version__
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    quick, skip_trl = "--quick" in argv, "--skip-trl" in argv
+    steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), 1 if quick else 3)
+    n_prompts, new, reps = (8, 16, 1) if quick else (32, 64, 2)
+    import transformers
+    from transformers import AutoModelForCausalLM
+    model, tok = from_pretrained(device=device)
+    n_params, cfg = model.num_params(), model.cfg
+    probs = load_problems("synthetic:1", "train")
+    prompts = [chat(tok, p["prompt"]) for p in probs[:n_prompts]]
+    prompt_len = sum(len(chat(tok, p["prompt"])) for p in probs[:64]) / 64
+    peak = {dt: matmul_peak(dt) for dt in (torch.float32, torch.bfloat16)}
+    hf_dir = tempfile.mkdtemp(prefix="bench_hf_")
+    save_pretrained(model, tok, hf_dir)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
+
+    print(f"machine: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; SmolLM2-135M-Instruct, {n_params / 1e6:.1f}M params")
+    print(f"matmul peak ({'8192' if device.type == 'cuda' else '2048'}^3): fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s")
+    samp = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        samp[name] = bench_sampler(model.to(dt), hf.to(dt), tok, prompts, new, reps)
+    model.float()
+    del model, hf
+    print(f"\nsampler: {n_prompts} prompts x 2 samples x {new} new tokens, T=1; tok/s = generated tokens up to and "
+          f"including the stop, best of {reps}")
+    print(f"  {'dtype':6s} {'ours tok/s':>11s} {'HF tok/s':>9s}")
+    for name, (o, h) in samp.items():
+        print(f"  {name:6s} {o:11.0f} {h:9.0f}")
+
+    rl = [("ours", run_ours(steps, prompt_len)),
+          ("ours no-skip*", run_ours(steps, prompt_len, ["--kl_coef=1e-9"]))]
+    trl_ver = None
+    if skip_trl:
+        print("\n--skip-trl: no TRL row")
+    else:
+        r, trl_ver = run_trl(hf_dir, steps)
+        if r:
+            rl.append((f"TRL {trl_ver}", r))
+    print(f"\nRL step: {P_STEP} prompts x k={K}, <= {MAX_NEW} new tokens, T=1, beta 0, 1 update, fp32; "
+          f"mean of {steps} step(s) after 1 warm-up")
+    print(f"  {'trainer':14s} {'gen s':>6s} {'update s':>8s} {'step s':>7s} {'trained tok':>11s} "
+          f"{'upd GFLOP/s':>11s} {'MFU':>6s} {'peak mem':>9s}")
+    for name, r in rl:
+        flops = r["tokens"] * (6 * n_params + 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * r["seq"])
+        r["fs"] = flops / max(r["update"], 1e-9)
+        print(f"  {name:14s} {r['gen']:6.2f} {r['update']:8.2f} {r['gen'] + r['update']:7.2f} {r['tokens']:11.0f} "
+              f"{r['fs'] / 1e9:11.1f} {r['fs'] / peak[torch.float32]:6.1%} {r['mem'] / 2**30:7.2f}GB")
+    print(f"  * ours drops zero-variance groups before the forward (zero_var {rl[0][1]['zero_var']:.2f} of groups "
+          f"this run); TRL trains on every row. 'no-skip' keeps them (--kl_coef=1e-9), which also loads a frozen "
+          f"reference and adds its log-prob forward to gen")
+
+    print("\nratios (ours / peer; > 1 = ours faster)")
+    for name, (o, h) in samp.items():
+        print(f"  sampler {name} tok/s, ours / HF generate: {o / h:.2f}x")
+    if len(rl) == 3:
+        t = rl[2][1]
+        for name, r in rl[:2]:
+            print(f"  {name:13s} vs TRL: step {(t['gen'] + t['update']) / (r['gen'] + r['update']):.2f}x | "
+                  f"gen {t['gen'] / r['gen']:.2f}x | update {t['update'] / r['update']:.2f}x | "
+                  f"update FLOP/s {r['fs'] / t['fs']:.2f}x")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--trl-worker"]:
+        trl_worker(sys.argv[2], int(sys.argv[3]))
+    else:
+        main(sys.argv[1:])

@@ -1,0 +1,183 @@
+"""train.py end to end on a tiny model, as users run it: every algorithm for 2 steps, resume exactness, DDP (gloo)
+against one process, atomic checkpoints, and one clear error line for each kind of bad input.
+Run: python -m pytest -q tests/test_train.py"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model that often says "1", "2", spaces or stops, and a task whose answer is 1: rewards come out mixed."""
+    d = tmp_path_factory.mktemp("train")
+    model = make_tiny(d / "model", "llama", favour=("1", "2", "Ġ", "<|im_end|>"))
+    data = d / "ones.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}: say one", "answer": "1"}) + "\n" for i in range(40)))
+    prefs = d / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "1", "rejected": "2 2"}) + "\n" for i in range(20)))
+    return dict(model=model, data=str(data), prefs=str(prefs), dir=d)
+
+
+def run(setup, out, *args, torchrun=0, env=None):
+    base = [f"--model={setup['model']}", f"--data={setup['data']}", f"--eval_data={setup['data']}", f"--out_dir={out}",
+            "--prompts_per_step=8", "--prompts_per_update=4", "--max_new_tokens=12", "--num_steps=2", "--eval_n=4",
+            "--eval_every=0", "--fallbacks=last_number", "--lr=1e-3", "--threads=1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29517"] \
+        if torchrun else [sys.executable]
+    p = subprocess.run(launcher + ["train.py"] + base + list(args), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return p
+
+
+def steps(out):
+    return [line for line in open(os.path.join(out, "log.txt")) if line.startswith("step ")]
+
+
+def params(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--algo=grpo", "--k=2"],
+    ["--algo=grpo", "--k=4", "--agg=token_mean", "--adv_unbiased=True"],
+    ["--algo=grpo", "--k=2", "--resample=True", "--kl_coef=0.05", "--agg=const"],
+    ["--algo=grpo", "--k=2", "--resample=True"],
+    ["--algo=dpo", "--k=2"],
+    ["--algo=dpo_offline", "--ipo=True"],
+], ids=["2grpo", "4grpo", "kl", "2grpo_rs", "dpo_online", "dpo_offline"])
+def test_each_algorithm_trains(setup, tmp_path, args):
+    extra = [f"--data={setup['prefs']}"] if "--algo=dpo_offline" in args else []
+    p = run(setup, tmp_path, *args, *extra)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = steps(tmp_path)
+    assert len(lines) == 2
+    assert any(float(line.split("gnorm ")[1].split()[0]) > 0 for line in lines), lines  # an update really happened
+    before = torch.load(os.path.join(tmp_path, "ckpt.pt"), weights_only=False)
+    assert before["state"]["step"] == 2 and before["config"]["algo"] in args[0]
+    assert "held-out greedy accuracy" in p.stdout
+    if "--resample=True" in args and "--kl_coef=0.05" not in args:  # RS refilled dropped pairs
+        assert all(" zero_var " in line for line in lines)
+        assert int(lines[-1].split("rollouts ")[1].split()[0]) > 2 * 8 * 2
+
+
+def test_resume_is_exact(setup, tmp_path):
+    """4 steps straight == 2 steps, then --resume for 2 more (same parameters)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(setup, a, "--num_steps=4").returncode == 0
+    assert run(setup, b, "--num_steps=2").returncode == 0
+    p = run(setup, b, "--num_steps=4", "--resume")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed from" in p.stdout
+    pa, pb = params(a), params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not torch.equal(pa["lm_head.weight"], torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)["model"]
+                           ["lm_head.weight"] * 0)  # sanity: real tensors
+
+
+def test_ddp_two_processes_equal_one(setup, tmp_path):
+    """torchrun with 2 gloo ranks splits the prompts; after the steps the parameters equal a 1-process run."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1 = run(setup, one, "--num_steps=1")
+    p2 = run(setup, two, "--num_steps=1", torchrun=2)
+    assert p1.returncode == 0 and p2.returncode == 0, p2.stderr[-3000:]
+    assert "2 rank(s)" in p2.stdout
+    a, b = params(one), params(two)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert steps(one)[0].split("| gnorm")[0] == steps(two)[0].split("| gnorm")[0]  # same rewards, stats
+
+
+def test_crash_during_save_keeps_last_checkpoint(setup, tmp_path):
+    """Kill the process in the middle of writing the second checkpoint: the first stays loadable and resumable."""
+    crash = ("import os, runpy, sys, torch\n"
+             "orig, n = torch.save, [0]\n"
+             "def save(obj, f, *a, **k):\n"
+             "    n[0] += 1\n"
+             "    if n[0] == 2:\n"
+             "        f.write(b'half a checkpoint'); f.flush(); os._exit(9)\n"
+             "    orig(obj, f, *a, **k)\n"
+             "torch.save = save\n"
+             "sys.argv = ['train.py'] + sys.argv[1:]\n"
+             "runpy.run_path('train.py', run_name='__main__')\n")
+    base = [f"--model={setup['model']}", f"--data={setup['data']}", f"--out_dir={tmp_path}", "--prompts_per_step=4",
+            "--prompts_per_update=4", "--max_new_tokens=8", "--num_steps=3", "--save_every=1", "--eval_every=0",
+            "--eval_n=2", "--fallbacks=last_number"]
+    p = subprocess.run([sys.executable, "-c", crash] + base, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 9
+    assert os.path.exists(tmp_path / "ckpt.pt.tmp")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["state"]["step"] == 1
+    p = subprocess.run([sys.executable, "train.py"] + base + ["--resume"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "resumed from" in p.stdout and "at step 1" in p.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["state"]["step"] == 3
+
+
+# ---------------------------------------------------------------------------- bad input: one line, exit 2
+
+def one_error_line(p):
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--lerning_rate=1e-5"], "did you mean 'lr'"),
+    (["--prompts_per_stp=8"], "did you mean 'prompts_per_step'"),
+    (["--k=two"], "cannot parse 'two' as int"),
+    (["--k=2.5"], "k must be int"),
+    (["--algo=ppo"], "expected grpo, dpo or dpo_offline"),
+    (["configs/does_not_exist.py"], "does_not_exist.py"),
+    (["--model=/no/such/model"], "model not found"),
+    (["--prompts_per_update=3"], "must be a multiple"),
+])
+def test_config_and_path_errors(setup, tmp_path, args, expect):
+    assert expect in one_error_line(run(setup, tmp_path, *args))
+
+
+def test_malformed_data_file(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\nnot json\n')
+    assert "bad.jsonl" in one_error_line(run(setup, tmp_path, f"--data={bad}"))
+    mixed = tmp_path / "mixed.jsonl"  # malformed lines are skipped and counted, the rest trains
+    mixed.write_text(open(setup["data"]).read() + "not json\n{}\n")
+    p = run(setup, tmp_path / "m", f"--data={mixed}", "--num_steps=1")
+    assert p.returncode == 0 and "skipped 2 malformed lines" in p.stderr
+
+
+def test_corrupt_checkpoint(setup, tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"\x80\x02 definitely not a checkpoint")
+    line = one_error_line(run(setup, tmp_path, "--resume"))
+    assert "ckpt.pt" in line and "corrupt" in line
+
+
+def test_config_file_and_wandb_offline(setup, tmp_path):
+    cfgfile = tmp_path / "c.py"
+    cfgfile.write_text("# a config file is plain assignments\nk = 4\nprompts_per_step = 4\nprompts_per_update = 4\n")
+    p = run(setup, tmp_path, str(cfgfile), "--wandb=True", "--num_steps=1",
+            env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "'k': 4" in p.stdout.splitlines()[0] and os.path.isdir(tmp_path / "wandb")
+
+
+def test_every_config_file_uses_known_keys():
+    """configs/*.py only assign fields of train.py's Config (read with ast: train.py is a script, not a module)."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
+    cfg = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    known = {n.target.id for n in cfg.body if isinstance(n, ast.AnnAssign)}
+    files = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+    assert {"grpo2.py", "grpo16.py", "grpo2_rs.py", "dpo.py", "smoke.py"} <= set(files)
+    for f in files:
+        src = open(os.path.join(ROOT, "configs", f)).read()
+        assert src.startswith("#"), f"{f} should open with what it runs, the expected result and runtime"
+        names = {t.id for n in ast.parse(src).body if isinstance(n, ast.Assign) for t in n.targets}
+        assert names and names <= known, (f, names - known)
