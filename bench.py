@@ -5,6 +5,8 @@ nanoGRPO against its peers on identical work, side by side in one run (issue 6).
     python bench.py --quick       # smoke test: smaller sampler work, 1 timed RL step
     python bench.py --skip-trl    # no TRL row (TRL is a benchmark-only dependency: pip install trl)
     python bench.py --steps=5     # timed RL steps per trainer, after one untimed warm-up step (default 3)
+    python bench.py --threads=1   # torch CPU threads everywhere (default torch's); 1 on a busy box: 2 threads on 2
+                                  # shared cores can run 10x slower (oversubscribed OpenMP), which measures noise
 
 Rows (same weights everywhere: the embedded SmolLM2-135M-Instruct, exported once to a temp HF dir for transformers):
   sampler   tokens/s of rollout.generate vs transformers' model.generate on 32 prompts x 2 samples x 64 new tokens,
@@ -21,6 +23,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -110,11 +113,11 @@ WRAP = ("import atexit, resource, runpy, sys, torch; sys.argv = ['train.py'] + s
 LINE = re.compile(r"step (\d+)/\d+ .*?zero_var ([\d.]+) .*?len ([\d.]+) .*?roll ([\d.]+)s \| train ([\d.]+)s")
 
 
-def run_ours(steps, prompt_len, extra=()):
+def run_ours(steps, prompt_len, threads, extra=()):
     with tempfile.TemporaryDirectory() as out:
         args = [f"--prompts_per_step={P_STEP}", f"--prompts_per_update={P_STEP}", f"--k={K}", f"--max_new_tokens={MAX_NEW}",
                 f"--num_steps={steps + 1}", "--eval_every=0", "--eval_n=1", "--lr=1e-6", "--sample_every=0",
-                "--temperature=1.0", "--data=synthetic:1", f"--out_dir={out}", *extra]
+                "--temperature=1.0", "--data=synthetic:1", f"--out_dir={out}", f"--threads={threads}", *extra]
         p = subprocess.run([sys.executable, "-c", WRAP, *args], cwd=ROOT, capture_output=True, text=True)
     if p.returncode:
         sys.exit(f"train.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
@@ -126,8 +129,10 @@ def run_ours(steps, prompt_len, extra=()):
                 mem=float(re.search(r"PEAKMEM (\d+)", p.stdout).group(1)))
 
 
-def trl_worker(hf_dir, steps):
+def trl_worker(hf_dir, steps, threads):
     """GRPOTrainer on the same work; prints one RESULT json line."""
+    if threads:
+        torch.set_num_threads(threads)
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -175,14 +180,14 @@ def trl_worker(hf_dir, steps):
                                       seq=mean(toks[1:]) / (P_STEP * K), mem=peak_mem())), flush=True)
 
 
-def run_trl(hf_dir, steps):
+def run_trl(hf_dir, steps, threads):
     try:
         import trl
     except ImportError:
         print("TRL not installed: pip install trl (benchmark-only dependency); skipping the TRL row")
         return None, None
-    p = subprocess.run([sys.executable, __file__, "--trl-worker", hf_dir, str(steps)], cwd=ROOT, capture_output=True,
-                       text=True)
+    p = subprocess.run([sys.executable, __file__, "--trl-worker", hf_dir, str(steps), str(threads)], cwd=ROOT,
+                       capture_output=True, text=True)
     m = re.search(r"RESULT (.*)", p.stdout)
     if not m:
         sys.exit(f"TRL worker failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
@@ -194,6 +199,9 @@ def run_trl(hf_dir, steps):
 def main(argv):
     quick, skip_trl = "--quick" in argv, "--skip-trl" in argv
     steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), 1 if quick else 3)
+    threads = next((int(a.split("=")[1]) for a in argv if a.startswith("--threads=")), 0)
+    if threads:
+        torch.set_num_threads(threads)
     n_prompts, new, reps = (8, 16, 1) if quick else (32, 64, 2)
     import transformers
     from transformers import AutoModelForCausalLM
@@ -208,7 +216,7 @@ def main(argv):
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
 
     print(f"machine: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; SmolLM2-135M-Instruct, {n_params / 1e6:.1f}M params")
+          f"transformers {transformers.__version__}, load avg {os.getloadavg()[0]:.1f} at start; SmolLM2-135M-Instruct, {n_params / 1e6:.1f}M params")
     print(f"matmul peak ({'8192' if device.type == 'cuda' else '2048'}^3): fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s")
     samp = {}
@@ -222,13 +230,15 @@ def main(argv):
     for name, (o, h) in samp.items():
         print(f"  {name:6s} {o:11.0f} {h:9.0f}")
 
-    rl = [("ours", run_ours(steps, prompt_len)),
-          ("ours no-skip*", run_ours(steps, prompt_len, ["--kl_coef=1e-9"]))]
+    rl = [("ours", run_ours(steps, prompt_len, threads)),
+          ("ours no-skip*", run_ours(steps, prompt_len, threads, ["--kl_coef=1e-9"]))]
     trl_ver = None
     if skip_trl:
+        shutil.rmtree(hf_dir, ignore_errors=True)
         print("\n--skip-trl: no TRL row")
     else:
-        r, trl_ver = run_trl(hf_dir, steps)
+        r, trl_ver = run_trl(hf_dir, steps, threads)
+        shutil.rmtree(hf_dir, ignore_errors=True)
         if r:
             rl.append((f"TRL {trl_ver}", r))
     print(f"\nRL step: {P_STEP} prompts x k={K}, <= {MAX_NEW} new tokens, T=1, beta 0, 1 update, fp32; "
@@ -257,6 +267,6 @@ def main(argv):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--trl-worker"]:
-        trl_worker(sys.argv[2], int(sys.argv[3]))
+        trl_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         main(sys.argv[1:])

@@ -8,6 +8,11 @@ import ast
 import difflib
 from dataclasses import fields
 
+# names other frameworks (TRL, verl, HF) use, so a misspelled or foreign key still points at ours
+ALIASES = {"learning_rate": "lr", "num_generations": "k", "group_size": "k", "rollout_n": "k", "max_steps": "num_steps",
+           "max_completion_length": "max_new_tokens", "train_batch_size": "prompts_per_step",
+           "ppo_mini_batch_size": "prompts_per_update", "epsilon": "clip_low", "epsilon_high": "clip_high"}
+
 
 def _coerce(name, value, typ, where):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -22,8 +27,8 @@ def _coerce(name, value, typ, where):
 def _check_key(cfg, name, where):
     names = [f.name for f in fields(cfg)]
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+        close = difflib.get_close_matches(name, names + [a for a in ALIASES if ALIASES[a] in names], n=1)
+        hint = f"; did you mean {ALIASES.get(close[0], close[0])!r}?" if close else f"; valid keys: {', '.join(names)}"
         raise ValueError(f"{where}: unknown config key {name!r}{hint}")
     return {f.name: f.type for f in fields(cfg)}[name]
 

@@ -344,8 +344,8 @@ def offline_batch(step):
         pair = [tok(t, add_special_tokens=False)["input_ids"][:cfg.max_new_tokens - 1] + [stops[0]]
                 for t in (it["chosen"], it["rejected"])]
         groups.append(dict(prompt=encode(it["prompt"]), tokens=pair, texts=[it["chosen"], it["rejected"]],
-                           old_logp=[torch.zeros(len(t)) for t in pair], adv=[0.0, 0.0], rewards=[1.0, 0.0],
-                           answer=""))
+                           old_logp=[torch.zeros(len(t)) for t in pair], ref_logp=[torch.zeros(len(t)) for t in pair],
+                           adv=[0.0, 0.0], rewards=[1.0, 0.0], answer=""))
     add_ref_logp(groups)
     lens = [len(t) for g in groups for t in g["tokens"]]
     return groups, dict(rewards=[], correct=[], trunc=[], lens=lens, n_groups=len(groups), rollouts=0)
@@ -439,16 +439,15 @@ for step in range(start, cfg.num_steps + 1):
     state["step"] = step + 1
     state["rollouts"] += stats["rollouts"]
     state["wall"] += t2 - t0
-    avg = lambda key: sum(m[key] for m in mets) / len(mets) if mets and key in mets[0] else 0.0
-    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
-    n_tok = all_sum(sum(stats["lens"]))
-    log = dict(reward=all_sum(sum(stats["rewards"])) / max(1, all_sum(len(stats["rewards"]))),
-               acc=all_sum(sum(stats["correct"])) / max(1, all_sum(len(stats["correct"]))),
-               zero_var=1 - all_sum(len(groups)) / max(1, all_sum(stats["n_groups"])),
-               trunc=mean(stats["trunc"]), len=mean(stats["lens"]), clip_low=avg("clipfrac_low"),
-               clip_high=avg("clipfrac_high"), kl=avg("approx_kl"), kl_ref=avg("kl_ref"), entropy=avg("entropy"),
-               dpo_acc=avg("reward_acc"), margin=avg("reward_margin"), gnorm=gnorm, lr=scheduler.get_last_lr()[0],
-               roll_s=t1 - t0, train_s=t2 - t1, tok_s=n_tok / max(t1 - t0, 1e-9), rollouts=state["rollouts"],
+    # every logged number is over all ranks; metrics are averaged over micro-batches
+    avg = lambda key: all_sum(sum(m.get(key, 0.0) for m in mets)) / max(1, all_sum(len(mets)))
+    mean = lambda xs: all_sum(sum(xs)) / max(1, all_sum(len(xs)))
+    log = dict(reward=mean(stats["rewards"]), acc=mean(stats["correct"]), trunc=mean(stats["trunc"]),
+               len=mean(stats["lens"]), zero_var=1 - all_sum(len(groups)) / max(1, all_sum(stats["n_groups"])),
+               clip_low=avg("clipfrac_low"), clip_high=avg("clipfrac_high"), kl=avg("approx_kl"), kl_ref=avg("kl_ref"),
+               entropy=avg("entropy"), dpo_acc=avg("reward_acc"), margin=avg("reward_margin"), gnorm=gnorm,
+               lr=scheduler.get_last_lr()[0], roll_s=t1 - t0, train_s=t2 - t1,
+               tok_s=all_sum(sum(stats["lens"])) / max(t1 - t0, 1e-9), rollouts=state["rollouts"],
                wall_min=state["wall"] / 60)
     shown = ["reward", "acc", "zero_var", "trunc", "len"] + (
         ["clip_low", "clip_high", "kl", "entropy"] if cfg.algo == "grpo" else ["dpo_acc", "margin", "entropy"])

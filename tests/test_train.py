@@ -89,8 +89,14 @@ def test_ddp_two_processes_equal_one(setup, tmp_path):
     p2 = run(setup, two, "--num_steps=1", torchrun=2)
     assert p1.returncode == 0 and p2.returncode == 0, p2.stderr[-3000:]
     assert "2 rank(s)" in p2.stdout
-    a, b = params(one), params(two)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    a, b = [torch.load(os.path.join(d, "ckpt.pt"), weights_only=False) for d in (one, two)]
+    # the gradients: Adam's first moment after one update is (1 - beta1) * grad, so it shows a wrong normaliser
+    # (Adam's first step itself is scale-invariant and would hide one)
+    for i, sa in a["optimizer"]["state"].items():
+        ga, gb = sa["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]
+        assert (ga - gb).abs().max() <= 1e-3 * ga.abs().max() + 1e-12
+    # parameters: equal up to Adam's sign-like step on float-noise-sized gradients (lr 1e-3)
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) <= 1e-4
     assert steps(one)[0].split("| gnorm")[0] == steps(two)[0].split("| gnorm")[0]  # same rewards, stats
 
 
