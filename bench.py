@@ -39,6 +39,7 @@ from rollout import generate
 ROOT = os.path.dirname(os.path.abspath(__file__))
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: "fp32" peak and training alike use TF32 on CUDA
 FALLBACKS = ("boxed", "last_number")
 P_STEP, K, MAX_NEW = 8, 8, 48  # the RL step's work
 
@@ -115,9 +116,10 @@ LINE = re.compile(r"step (\d+)/\d+ .*?zero_var ([\d.]+) .*?len ([\d.]+) .*?roll 
 
 def run_ours(steps, prompt_len, threads, extra=()):
     with tempfile.TemporaryDirectory() as out:
-        args = [f"--prompts_per_step={P_STEP}", f"--prompts_per_update={P_STEP}", f"--k={K}", f"--max_new_tokens={MAX_NEW}",
-                f"--num_steps={steps + 1}", "--eval_every=0", "--eval_n=1", "--lr=1e-6", "--sample_every=0",
-                "--temperature=1.0", "--data=synthetic:1", f"--out_dir={out}", f"--threads={threads}", *extra]
+        args = [f"--prompts_per_step={P_STEP}", f"--prompts_per_update={P_STEP}", f"--k={K}",
+                f"--max_new_tokens={MAX_NEW}", f"--num_steps={steps + 1}", "--eval_every=0", "--eval_n=1", "--lr=1e-6",
+                "--sample_every=0", "--temperature=1.0", "--data=synthetic:1", f"--out_dir={out}",
+                f"--threads={threads}", *extra]
         p = subprocess.run([sys.executable, "-c", WRAP, *args], cwd=ROOT, capture_output=True, text=True)
     if p.returncode:
         sys.exit(f"train.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
@@ -151,6 +153,8 @@ def trl_worker(hf_dir, steps, threads):
                           top_p=1.0, beta=0.0, learning_rate=1e-6, lr_scheduler_type="constant", num_iterations=1,
                           loss_type="grpo", epsilon=0.2, epsilon_high=0.28, use_vllm=False, logging_steps=1,
                           report_to=[], bf16=False, max_steps=steps + 1, save_strategy="no", seed=0,
+                          gradient_checkpointing=False,  # TRL's default is True; ours (grad_ckpt) is off
+                          tf32=True if device.type == "cuda" else None,  # as train.py
                           generation_kwargs=dict(eos_token_id=stops))
         trainer = GRPOTrainer(model=hf_dir, reward_funcs=reward, args=args, train_dataset=ds)
         gen, step, toks = [], [], []
@@ -215,9 +219,10 @@ def main(argv):
     save_pretrained(model, tok, hf_dir)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
 
-    print(f"machine: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, load avg {os.getloadavg()[0]:.1f} at start; SmolLM2-135M-Instruct, {n_params / 1e6:.1f}M params")
-    print(f"matmul peak ({'8192' if device.type == 'cuda' else '2048'}^3): fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s, "
+    print(f"machine: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, load avg {os.getloadavg()[0]:.1f} at start; SmolLM2-135M-Instruct, "
+          f"{n_params / 1e6:.1f}M params")
+    print(f"matmul peak ({8192 if device.type == 'cuda' else 2048}^3): fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s")
     samp = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -232,15 +237,13 @@ def main(argv):
 
     rl = [("ours", run_ours(steps, prompt_len, threads)),
           ("ours no-skip*", run_ours(steps, prompt_len, threads, ["--kl_coef=1e-9"]))]
-    trl_ver = None
     if skip_trl:
-        shutil.rmtree(hf_dir, ignore_errors=True)
         print("\n--skip-trl: no TRL row")
     else:
         r, trl_ver = run_trl(hf_dir, steps, threads)
-        shutil.rmtree(hf_dir, ignore_errors=True)
         if r:
             rl.append((f"TRL {trl_ver}", r))
+    shutil.rmtree(hf_dir, ignore_errors=True)
     print(f"\nRL step: {P_STEP} prompts x k={K}, <= {MAX_NEW} new tokens, T=1, beta 0, 1 update, fp32; "
           f"mean of {steps} step(s) after 1 warm-up")
     print(f"  {'trainer':14s} {'gen s':>6s} {'update s':>8s} {'step s':>7s} {'trained tok':>11s} "
@@ -252,7 +255,8 @@ def main(argv):
               f"{r['fs'] / 1e9:11.1f} {r['fs'] / peak[torch.float32]:6.1%} {r['mem'] / 2**30:7.2f}GB")
     print(f"  * ours drops zero-variance groups before the forward (zero_var {rl[0][1]['zero_var']:.2f} of groups "
           f"this run); TRL trains on every row. 'no-skip' keeps them (--kl_coef=1e-9), which also loads a frozen "
-          f"reference and adds its log-prob forward to gen")
+          f"reference and adds its log-prob forward to gen. Ours' trained tokens are estimated from its log (kept "
+          f"fraction x rows x (mean prompt + mean completion)); TRL's are counted")
 
     print("\nratios (ours / peer; > 1 = ours faster)")
     for name, (o, h) in samp.items():

@@ -46,7 +46,7 @@ def params(out):
 
 
 @pytest.mark.parametrize("args", [
-    ["--algo=grpo", "--k=2"],
+    ["--algo=grpo", "--k=2", "--grad_ckpt=True"],
     ["--algo=grpo", "--k=4", "--agg=token_mean", "--adv_unbiased=True"],
     ["--algo=grpo", "--k=2", "--resample=True", "--kl_coef=0.05", "--agg=const"],
     ["--algo=grpo", "--k=2", "--resample=True"],
