@@ -36,6 +36,11 @@ def _check_key(cfg, name, where):
 def parse_config(cfg, argv):
     """Apply config files and --key=value overrides from argv to the dataclass instance cfg, in order. Returns cfg."""
     for arg in argv:
+        if arg in ("-h", "--help"):  # the dataclass is the documentation: list every key with its default
+            print("options (--key=value, or config files of key = value lines):")
+            for f in fields(cfg):
+                print(f"  --{f.name}={getattr(cfg, f.name)!r}")
+            raise SystemExit(0)
         if arg.startswith("--"):
             name, eq, raw = arg[2:].partition("=")
             name = name.replace("-", "_")

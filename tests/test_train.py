@@ -187,3 +187,8 @@ def test_every_config_file_uses_known_keys():
         assert src.startswith("#"), f"{f} should open with what it runs, the expected result and runtime"
         names = {t.id for n in ast.parse(src).body if isinstance(n, ast.Assign) for t in n.targets}
         assert names and names <= known, (f, names - known)
+
+
+def test_help_lists_every_key():
+    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "--prompts_per_update=32" in p.stdout and "--lr=1e-05" in p.stdout
