@@ -32,7 +32,7 @@ import time
 import torch
 
 from data import load_problems
-from model import from_pretrained, save_pretrained, stop_token_ids
+from model import chat_ids, from_pretrained, save_pretrained, stop_token_ids
 from reward import math_reward
 from rollout import generate
 
@@ -42,11 +42,6 @@ sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: "fp32" peak and training alike use TF32 on CUDA
 FALLBACKS = ("boxed", "last_number")
 P_STEP, K, MAX_NEW = 8, 8, 48  # the RL step's work
-
-
-def chat(tok, text):
-    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-                                   return_dict=True)["input_ids"]
 
 
 def peak_mem():
@@ -201,6 +196,13 @@ def run_trl(hf_dir, steps, threads):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return
+    bad = [a for a in argv if a not in ("--quick", "--skip-trl") and not a.startswith(("--steps=", "--threads="))]
+    if bad:  # a typo must not silently start a 12-minute run with the defaults
+        print(f"error: unknown argument {bad[0]!r}; use --quick, --skip-trl, --steps=N, --threads=N", file=sys.stderr)
+        sys.exit(2)
     quick, skip_trl = "--quick" in argv, "--skip-trl" in argv
     steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), 1 if quick else 3)
     threads = next((int(a.split("=")[1]) for a in argv if a.startswith("--threads=")), 0)
@@ -212,8 +214,8 @@ def main(argv):
     model, tok = from_pretrained(device=device)
     n_params, cfg = model.num_params(), model.cfg
     probs = load_problems("synthetic:1", "train")
-    prompts = [chat(tok, p["prompt"]) for p in probs[:n_prompts]]
-    prompt_len = sum(len(chat(tok, p["prompt"])) for p in probs[:64]) / 64
+    prompts = [chat_ids(tok, p["prompt"]) for p in probs[:n_prompts]]
+    prompt_len = sum(len(chat_ids(tok, p["prompt"])) for p in probs[:64]) / 64
     peak = {dt: matmul_peak(dt) for dt in (torch.float32, torch.bfloat16)}
     hf_dir = tempfile.mkdtemp(prefix="bench_hf_")
     save_pretrained(model, tok, hf_dir)

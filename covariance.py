@@ -25,7 +25,7 @@ import torch
 
 from config import parse_config
 from data import load_problems
-from model import from_pretrained, stop_token_ids
+from model import chat_ids, from_pretrained, stop_token_ids
 from reward import math_reward
 from rollout import completion_logprobs, generate
 
@@ -96,8 +96,7 @@ if __name__ == "__main__":
     stops = stop_token_ids(tok, model.cfg)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     fallbacks = tuple(cfg.fallbacks.split(","))
-    enc = lambda p: tok.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
+    enc = lambda p: chat_ids(tok, p["prompt"])
 
     # ---- sample n_responses per prompt at T=1, keep prompts whose responses are mixed (as 2-GRPO trains on)
     kept, tried, M = [], 0, cfg.n_responses

@@ -24,7 +24,7 @@ import torch
 
 from config import parse_config
 from data import load_problems
-from model import from_pretrained, stop_token_ids
+from model import chat_ids, from_pretrained, stop_token_ids
 from reward import FALLBACKS, extract_answer, math_reward, normalize_answer
 from rollout import generate
 
@@ -64,8 +64,7 @@ def evaluate(model, tok, problems, n=1, temperature=0.0, top_p=1.0, top_k=0, max
     t0 = time.time()
     for i in range(0, len(problems), per_call):
         batch = problems[i:i + per_call]
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=True)["input_ids"] for p in batch]
+        prompts = [chat_ids(tok, p["prompt"]) for p in batch]
         seeds = [hash((seed, i + r // n, r % n)) & 0x7FFFFFFF for r in range(len(batch) * n)]
         ro = generate(model, prompts, k=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       top_k=top_k, stop_ids=stop_ids, pad_id=pad_id, seed=seeds)

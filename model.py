@@ -14,7 +14,7 @@ import importlib.util
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -381,6 +381,12 @@ def save_pretrained(model, tokenizer, out_dir):
         json.dump(config_to_hf(model.cfg), f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+def chat_ids(tokenizer, text):
+    """Token ids of `text` as one user turn in the model's chat template, ending where the assistant's reply starts."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
 
 
 def stop_token_ids(tokenizer, cfg=None):

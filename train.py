@@ -16,7 +16,6 @@ One step follows the paper's protocol (verl's GRPO, paper.md section 10):
   5. log, eval on held-out problems every eval_every steps, checkpoint atomically
 DPO uses the same loop: a "group" is a (chosen, rejected) pair instead of k rollouts, and the loss is Eq. 9.
 """
-import math
 import os
 import random
 import sys
@@ -92,7 +91,7 @@ from config import parse_config  # noqa: E402
 from data import load_preferences, load_problems  # noqa: E402
 from eval import evaluate  # noqa: E402
 from loss import dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, seq_logp  # noqa: E402
-from model import from_pretrained, stop_token_ids  # noqa: E402
+from model import chat_ids, from_pretrained, stop_token_ids  # noqa: E402
 from reward import math_reward  # noqa: E402
 from rollout import completion_logprobs, generate, make_compiled_decode  # noqa: E402
 
@@ -208,8 +207,7 @@ _encoded = {}
 
 def encode(prompt):
     if prompt not in _encoded:
-        _encoded[prompt] = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True)["input_ids"]
+        _encoded[prompt] = chat_ids(tok, prompt)
     return _encoded[prompt]
 
 

@@ -88,5 +88,5 @@ def hf_smol():
 
 
 def chat_ids(tok, texts):
-    return [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
-                                    return_dict=True)["input_ids"] for t in texts]
+    import model
+    return [model.chat_ids(tok, t) for t in texts]

@@ -192,3 +192,9 @@ def test_every_config_file_uses_known_keys():
 def test_help_lists_every_key():
     p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--prompts_per_update=32" in p.stdout and "--lr=1e-05" in p.stdout
+
+
+def test_bench_rejects_unknown_arguments():
+    """bench.py takes minutes: a typo must be an error, not a silent run with the defaults."""
+    p = subprocess.run([sys.executable, "bench.py", "--step=5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown argument '--step=5'" in p.stderr and "Traceback" not in p.stderr
