@@ -117,6 +117,15 @@ def rope_inv_freq(cfg):
     return inv.float()
 
 
+def linear(x, layer):
+    """layer(x), computed as (W @ x^T)^T for the few rows of a decode step on CPU: MKL runs that layout up to 2.5x
+    faster there (16 rows, SmolLM2's lm_head: 24 vs 48 ms; dev/perf.md). Same numbers up to summation order."""
+    if x.device.type != "cpu" or x.numel() > 64 * x.size(-1) or torch.is_grad_enabled():
+        return layer(x)
+    y = (layer.weight @ x.reshape(-1, x.size(-1)).T).T.contiguous().view(*x.shape[:-1], -1)
+    return y if layer.bias is None else y + layer.bias
+
+
 def apply_rope(x, cos, sin):
     # x: (B, H, T, hd); cos/sin: (B, 1, T, hd). HF's "rotate half" layout, not interleaved pairs.
     x1, x2 = x.chunk(2, dim=-1)
@@ -161,9 +170,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache, layer, slot):
         B, T, _ = x.shape
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        q = self.q_proj(x).view(B, T, H, hd)
-        k = self.k_proj(x).view(B, T, Hkv, hd)
-        v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = linear(x, self.q_proj).view(B, T, H, hd)
+        k = linear(x, self.k_proj).view(B, T, Hkv, hd)
+        v = linear(x, self.v_proj).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
@@ -173,7 +182,7 @@ class Attention(nn.Module):
             k, v = k[:, :, :mask.size(-1)].to(q.dtype), v[:, :, :mask.size(-1)].to(q.dtype)  # keys the mask covers
         # mask None means plain causal over this chunk (training / uncached forward)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+        return linear(y.transpose(1, 2).reshape(B, T, H * hd), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -184,7 +193,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return linear(F.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -235,7 +244,7 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, mask, cache, i, slot)
         x = self.norm(x)
-        return x if hidden else self.lm_head(x)
+        return x if hidden else linear(x, self.lm_head)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -5,22 +5,23 @@ The batched sampler: k samples for each of P prompts, and the matching log-prob 
     ro.tokens (B, Tn), ro.mask (B, Tn), ro.logp (B, Tn), ro.finish ["eos" | "length"] with B = P * k
     logp = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, temperature=1.0)
 
-Layout (shared by sampling and scoring, so old_logp == logp on-policy): prompts are left-padded to Lp columns and
-completions follow at column Lp; RoPE positions count real tokens only (pos = cumsum(valid) - 1); pad keys are masked.
-Each unique prompt is prefilled once and its KV cache forked into k rows (nanochat); decode runs on a preallocated
-cache. Row r belongs to prompt r // k.
+Layout (shared by sampling and scoring, so old_logp == logp on-policy): prompts take Lp columns, padded where
+needed, and completions follow at column Lp; RoPE positions count real tokens only (pos = cumsum(valid) - 1), pad
+keys are masked, so where the padding sits does not change any number. The prefix every prompt shares (the chat
+template's system turn) is prefilled once, each unique prompt's rest once, and the cache forked into k rows
+(nanochat); decode runs on a preallocated cache. Row r belongs to prompt r // k.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from model import KVCache
+from model import KVCache, linear
 
 
 @dataclass
 class Rollout:
-    prompt_ids: torch.Tensor   # (B, Lp) left-padded prompt ids
+    prompt_ids: torch.Tensor   # (B, Lp) prompt ids: shared prefix, padding, the rest (see Layout above)
     prompt_mask: torch.Tensor  # (B, Lp) bool, True on real prompt tokens
     tokens: torch.Tensor       # (B, Tn) sampled ids, pad_id after a row stops
     mask: torch.Tensor         # (B, Tn) float, 1 up to and including the stop token
@@ -37,6 +38,15 @@ def left_pad(seqs, pad_id, device):
         ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
         valid[i, L - len(s):] = True
     return ids.to(device), valid.to(device)
+
+
+def shared_prefix_len(prompts):
+    """Length of the token prefix all prompts share, leaving every prompt at least one token of its own."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    c = 0
+    while c < n and all(p[c] == first[c] for p in prompts):
+        c += 1
+    return c
 
 
 def attn_mask(valid, q_start, Tq):
@@ -93,14 +103,25 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     assert len(seeds) == B, f"need one seed per row ({B}), got {len(seeds)}"
     noise = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s)) for s in seeds])
     noise = noise.to(device)  # (B, max_new_tokens): row r's uniforms, drawn on CPU so every device agrees
-    ids, valid = left_pad(prompts, pad_id, device)  # (P, Lp)
+    # layout [shared prefix | left padding | rest of each prompt]: chat templates give every prompt the same head
+    # (system turn + "user\n" + task wording), whose keys/values are computed once for all P prompts
+    c = shared_prefix_len(prompts)
+    ids, valid = left_pad([p[c:] for p in prompts], pad_id, device)  # (P, Lp - c)
+    ids = torch.cat([torch.tensor(prompts[0][:c], dtype=torch.long, device=device).expand(P, c), ids], 1)  # (P, Lp)
+    valid = torch.cat([torch.ones(P, c, dtype=torch.bool, device=device), valid], 1)
     Lp = ids.size(1)
     S = Lp + max_new_tokens
 
-    # prefill each unique prompt once, then fork its cache into k rows
+    # prefill: the shared prefix once (batch 1), the rest of each unique prompt once, then fork into k rows
     pos = (valid.cumsum(-1) - 1).clamp(min=0)  # (P, Lp)
     small = KVCache(cfg, P, Lp, device, dtype)
-    logits = model(ids, pos, attn_mask(valid, 0, Lp), small, 0)[:, -1].float()  # (P, V)
+    if c:
+        head = KVCache(cfg, 1, c, device, dtype)
+        model(ids[:1, :c], pos[:1, :c], attn_mask(valid[:1, :c], 0, c), head, 0, hidden=True)  # fills head
+        small.k[:, :, :, :c], small.v[:, :, :, :c] = head.k, head.v  # broadcast over the P prompts
+        del head
+    h = model(ids[:, c:], pos[:, c:], attn_mask(valid, c, Lp - c), small, c, hidden=True)  # (P, Lp - c, D)
+    logits = linear(h[:, -1], model.lm_head).float()  # (P, V): logits of the last prompt position only
     cache = KVCache(cfg, B, S, device, dtype)
     cache.k[:, :, :, :Lp] = small.k.repeat_interleave(k, dim=1)
     cache.v[:, :, :, :Lp] = small.v.repeat_interleave(k, dim=1)

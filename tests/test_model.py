@@ -123,3 +123,18 @@ def test_tokenizer_without_chat_template(tiny_dir, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(tc))
     with pytest.raises(ValueError, match="no chat template"):
         from_pretrained(str(d))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_layout_equals_module(bias):
+    """model.linear's W @ x^T path for a few rows (decode, CPU, no grad) equals nn.Linear; big or grad inputs use it as is."""
+    from model import linear
+    layer = torch.nn.Linear(48, 80, bias=bias)
+    for shape in [(3, 1, 48), (64, 48), (200, 48)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert (linear(x, layer) - layer(x)).abs().max() <= 1e-5
+        assert linear(x, layer).shape == layer(x).shape == (*shape[:-1], 80)
+    x = torch.randn(2, 48, requires_grad=True)
+    linear(x, layer).sum().backward()  # with grad on it is plain nn.Linear, so training is untouched
+    assert x.grad is not None

@@ -5,7 +5,7 @@ import torch
 
 from conftest import chat_ids
 from model import KVCache, from_pretrained, stop_token_ids
-from rollout import attn_mask, completion_logprobs, decode_one, generate, left_pad
+from rollout import attn_mask, completion_logprobs, decode_one, generate, left_pad, shared_prefix_len
 
 QUESTIONS = ["What is 7 + 12?", "Compute 23 + 5 and put the final answer in \\boxed{}.", "Hi",
              "Name three colours, then say which one you like best and why."]
@@ -36,6 +36,26 @@ def test_cached_decode_equals_uncached_forward(tiny):
     ref_rows = ref[:, Lp - 1:]  # logits after the prompt and after each continuation token
     for t, o in enumerate(out):
         assert (o - ref_rows[:, t]).abs().max() <= 1e-4
+
+
+def test_shared_prefix_len():
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts keep one token each to prefill
+    assert shared_prefix_len([[7, 8, 9]]) == 2 and shared_prefix_len([[5]]) == 0
+    assert shared_prefix_len([[1, 2], [3, 4]]) == 0
+
+
+def test_shared_prefix_prefill_equals_plain_left_padding(tiny):
+    """Prefilling the common head once (layout prefix | pad | rest) gives the logits of a plain left-padded batch."""
+    model, tok = tiny
+    prompts = chat_ids(tok, ["What is 1 + 2?", "What is 13 + 24? Think.", "What"])
+    assert shared_prefix_len(prompts) > 5
+    ro = generate(model, prompts, k=2, max_new_tokens=12, temperature=1.0, seed=1, pad_id=tok.pad_token_id)
+    ids, valid = left_pad(prompts, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        plain = completion_logprobs(model, ids.repeat_interleave(2, 0), valid.repeat_interleave(2, 0), ro.tokens,
+                                    ro.mask)
+    assert (plain - ro.logp).abs().max() <= 1e-4
 
 
 def test_greedy_equals_naive_argmax_loop(tiny):
