@@ -50,8 +50,22 @@ def peak_mem():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def cpu_name():
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return "?"
+
+
 def matmul_peak(dtype, seconds=1.0):
     n = 8192 if device.type == "cuda" else 2048
+    if device.type == "cpu":  # probe small first: without native bf16 (AVX2-only CPUs) 2048^3 takes minutes
+        a = torch.randn(256, 256, dtype=dtype)
+        a @ a
+        t0 = time.time()
+        a @ a
+        if 2 * 256 ** 3 / (time.time() - t0) < 5e9:
+            return 2 * 256 ** 3 / (time.time() - t0)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up: thread pool / cuBLAS handles
     sync()
@@ -221,13 +235,19 @@ def main(argv):
     save_pretrained(model, tok, hf_dir)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
 
-    print(f"machine: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, transformers "
+    print(f"machine: {device} ({torch.get_num_threads()} threads; {cpu_name()}, {torch.backends.cpu.get_cpu_capability()}), "
+          f"torch {torch.__version__}, transformers "
           f"{transformers.__version__}, load avg {os.getloadavg()[0]:.1f} at start; SmolLM2-135M-Instruct, "
           f"{n_params / 1e6:.1f}M params")
     print(f"matmul peak ({8192 if device.type == 'cuda' else 2048}^3): fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s")
     samp = {}
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    dtypes = [("fp32", torch.float32)]
+    if peak[torch.bfloat16] > peak[torch.float32]:  # CPUs without native bf16 (AVX2 only) run it ~100x slower
+        dtypes.append(("bf16", torch.bfloat16))
+    else:
+        print("bf16 matmul is slower than fp32 on this machine: no bf16 sampler row")
+    for name, dt in dtypes:
         samp[name] = bench_sampler(model.to(dt), hf.to(dt), tok, prompts, new, reps)
     model.float()
     del model, hf
