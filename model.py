@@ -118,8 +118,9 @@ def rope_inv_freq(cfg):
 
 
 def linear(x, layer):
-    """layer(x), computed as (W @ x^T)^T for the few rows of a decode step on CPU: MKL runs that layout up to 2.5x
-    faster there (16 rows, SmolLM2's lm_head: 24 vs 48 ms; dev/perf.md). Same numbers up to summation order."""
+    """layer(x), computed as (W @ x^T)^T for the few rows of a decode step on CPU: MKL ran that layout up to 2.5x
+    faster on the AVX2 dev machine (16 rows, SmolLM2's lm_head: 24 vs 48 ms; dev/perf.md has the table; other CPUs
+    not measured). Same numbers up to summation order; with grad enabled (training) it is plain layer(x)."""
     if x.device.type != "cpu" or x.numel() > 64 * x.size(-1) or torch.is_grad_enabled():
         return layer(x)
     y = (layer.weight @ x.reshape(-1, x.size(-1)).T).T.contiguous().view(*x.shape[:-1], -1)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 @dataclass
@@ -129,10 +130,16 @@ ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 log_file = open(os.path.join(cfg.out_dir, "log.txt"), "a") if master else None
 
 
+bar = None  # the tqdm step bar, on an interactive terminal only (in logs and CI its redraws are noise)
+
+
 def print0(*args):
     if master:
         s = " ".join(str(a) for a in args)
-        print(s, flush=True)
+        if bar is not None:
+            tqdm.write(s)  # redraws the bar below the line
+        else:
+            print(s, flush=True)
         log_file.write(s + "\n")
         log_file.flush()
 
@@ -379,6 +386,8 @@ get_batch = offline_batch if cfg.algo == "dpo_offline" else online_batch  # the 
 # the loop
 n_updates = cfg.prompts_per_step // cfg.prompts_per_update
 start = state["step"]
+if master and sys.stderr.isatty():
+    bar = tqdm(total=cfg.num_steps, initial=start, unit="step", dynamic_ncols=True)
 for step in range(start, cfg.num_steps + 1):
     last_step = step == cfg.num_steps
     if eval_problems and (last_step or (cfg.eval_every and step % cfg.eval_every == 0)) and not (step == start and start):
@@ -454,10 +463,16 @@ for step in range(start, cfg.num_steps + 1):
            f"tok/s {log['tok_s']:.0f} | rollouts {state['rollouts']} | {log['wall_min']:.1f} min")
     if cfg.wandb and master:
         wandb.log({f"train/{key}": v for key, v in log.items()}, step=step)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(reward=f"{log['reward']:.3f}", zero_var=f"{log['zero_var']:.2f}", refresh=False)
     if cfg.sample_every and step % cfg.sample_every == 0 and groups:
         for g in groups[:2]:
             print0(f"  sample | answer {g['answer']} | rewards {g['rewards']} | {g['texts'][0][:300]!r}")
 
+if bar is not None:
+    bar.close()
+    bar = None
 if state["eval0"] is not None and state["eval_last"] is not None:
     print0(f"held-out greedy accuracy: {100 * state['eval0']:.1f}% -> {100 * state['eval_last']:.1f}% "
            f"({100 * (state['eval_last'] - state['eval0']):+.1f} points) in {state['wall'] / 60:.1f} min of training, "

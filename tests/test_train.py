@@ -198,3 +198,29 @@ def test_bench_rejects_unknown_arguments():
     """bench.py takes minutes: a typo must be an error, not a silent run with the defaults."""
     p = subprocess.run([sys.executable, "bench.py", "--step=5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "unknown argument '--step=5'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_progress_bar_on_a_terminal_only(setup, tmp_path):
+    """On a terminal a tqdm step bar runs below the log lines; piped (logs, CI) there is none."""
+    import pty
+    master_fd, slave_fd = pty.openpty()
+    base = [f"--model={setup['model']}", f"--data={setup['data']}", f"--out_dir={tmp_path}", "--prompts_per_step=4",
+            "--prompts_per_update=4", "--max_new_tokens=8", "--num_steps=2", "--eval_n=2", "--eval_every=0",
+            "--threads=1"]
+    p = subprocess.Popen([sys.executable, "train.py"] + base, cwd=ROOT, stdout=subprocess.PIPE, stderr=slave_fd)
+    os.close(slave_fd)
+    out = p.communicate(timeout=300)[0].decode()
+    tty = b""
+    while True:
+        try:
+            chunk = os.read(master_fd, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        tty += chunk
+    os.close(master_fd)
+    assert p.returncode == 0 and out.count("\nstep ") + out.startswith("step ") == 2
+    assert b"2/2" in tty and (b"step/s" in tty or b"s/step" in tty)
+    piped = run(setup, tmp_path / "piped")
+    assert piped.returncode == 0 and "s/step" not in piped.stderr and "step/s" not in piped.stderr
