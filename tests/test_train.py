@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -202,24 +203,31 @@ def test_bench_rejects_unknown_arguments():
 
 def test_progress_bar_on_a_terminal_only(setup, tmp_path):
     """On a terminal a tqdm step bar runs below the log lines; piped (logs, CI) there is none."""
-    import pty
+    import fcntl, pty, struct, termios
     master_fd, slave_fd = pty.openpty()
+    fcntl.ioctl(slave_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
     base = [f"--model={setup['model']}", f"--data={setup['data']}", f"--out_dir={tmp_path}", "--prompts_per_step=4",
             "--prompts_per_update=4", "--max_new_tokens=8", "--num_steps=2", "--eval_n=2", "--eval_every=0",
             "--threads=1"]
+    chunks = []
+
+    def drain():  # read the terminal side while the child runs, so a full pty buffer cannot block it
+        while True:
+            try:
+                chunk = os.read(master_fd, 65536)
+            except OSError:  # the child closed its end
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     p = subprocess.Popen([sys.executable, "train.py"] + base, cwd=ROOT, stdout=subprocess.PIPE, stderr=slave_fd)
     os.close(slave_fd)
     out = p.communicate(timeout=300)[0].decode()
-    tty = b""
-    while True:
-        try:
-            chunk = os.read(master_fd, 65536)
-        except OSError:  # the child closed its end
-            break
-        if not chunk:
-            break
-        tty += chunk
+    reader.join(timeout=10)
     os.close(master_fd)
+    tty = b"".join(chunks)
     assert p.returncode == 0 and out.count("\nstep ") + out.startswith("step ") == 2
     assert b"2/2" in tty and (b"step/s" in tty or b"s/step" in tty)
     piped = run(setup, tmp_path / "piped")
