@@ -179,33 +179,128 @@ def make_compiled_decode():
     return torch.compile(decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperature=1.0, entropy=False, chunk_rows=None):
-    """Full forward of [prompt | completion] in the sampler's layout -> logp (B, Tn) fp32 of each completion token at
-    `temperature` (0 where mask is 0), and its entropy (B, Tn) too if entropy=True. Differentiable.
-    Logits are made chunk_rows rows at a time so (B, Tn, V) fp32 logits never exist whole."""
-    # drop prompt columns that are padding in every row, and completion columns past every row's end
-    first = int(prompt_mask.any(0).float().argmax())
+class PrefixKV:
+    """A differentiable stand-in for KVCache when scoring: layer i's keys/values are those already held (B, Hkv, slot,
+    hd) followed by the new chunk's. Unlike KVCache nothing is written in place, so autograd runs through it.
+    Re-running a layer (activation checkpointing recomputes) reads only the first `slot` columns, so it is safe."""
+
+    def __init__(self, k=None, v=None):
+        self.k, self.v = k or {}, v or {}
+
+    def update(self, layer, slot, k, v):
+        if slot:
+            k = torch.cat([self.k[layer][:, :, :slot], k], 2)
+            v = torch.cat([self.v[layer][:, :, :slot], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def rows(self, idx):
+        """The same keys/values for batch rows idx (B',): expand or gather, both differentiable."""
+        pick = lambda t: t.expand(len(idx), *t.shape[1:]) if t.size(0) == 1 else t.index_select(0, idx)
+        return PrefixKV({i: pick(t) for i, t in self.k.items()}, {i: pick(t) for i, t in self.v.items()})
+
+
+def _hidden_plain(model, prompt_ids, prompt_mask, tokens):
+    """One forward of [prompt | completion] per row -> hidden states predicting each completion token (B, Tk, D)."""
+    first = int(prompt_mask.any(0).float().argmax())  # drop prompt columns that are padding in every row
     prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]
-    B, Tn = tokens.shape
-    Tk = int(mask.sum(0).nonzero().max()) + 1 if mask.any() else 1
-    ids = torch.cat([prompt_ids, tokens[:, :Tk]], 1)  # (B, Lp + Tk)
-    valid = torch.cat([prompt_mask, torch.ones_like(tokens[:, :Tk], dtype=torch.bool)], 1)
-    Lp = prompt_ids.size(1)
+    ids = torch.cat([prompt_ids, tokens], 1)  # (B, Lp + Tk)
+    valid = torch.cat([prompt_mask, torch.ones_like(tokens, dtype=torch.bool)], 1)
+    Lp, Tk = prompt_ids.size(1), tokens.size(1)
     pos = (valid.cumsum(-1) - 1).clamp(min=0)
     amask = None if bool(prompt_mask.all()) else attn_mask(valid, 0, ids.size(1))  # no padding: fast causal path
-    h = model(ids, pos, amask, hidden=True)[:, Lp - 1:Lp + Tk - 1]  # (B, Tk, D): hidden state predicting each token
-    V = model.cfg.vocab_size
-    chunk_rows = chunk_rows or max(1, (1 << 26) // (Tk * V))  # ~256 MB of fp32 logits per chunk
+    return model(ids, pos, amask, hidden=True)[:, Lp - 1:Lp + Tk - 1]
+
+
+def _hidden_shared(model, prompt_ids, prompt_mask, tokens, lens, overhead):
+    """_hidden_plain computed the way the sampler computes it: the prefix all prompts share once (batch 1), each
+    distinct prompt once, then every row's completion on top of its prompt's keys/values. Gradients flow back through
+    the shared parts, so both values and gradients are _hidden_plain's. Rows with the same prompt must be adjacent
+    (the sampler's and the trainer's layout); at k rows a prompt the prompt costs 1/k of the plain path's.
+    lens (B,): completion lengths; rows are fed in length buckets (length_buckets with this overhead)."""
+    B, Tk = tokens.shape
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)  # (B-1,)
+    group = torch.cat([same.new_zeros(1), ~same]).long().cumsum(0)  # (B,) index of each row's distinct prompt
+    starts = torch.cat([same.new_ones(1), ~same]).nonzero()[:, 0]
+    prompts = [prompt_ids[r][prompt_mask[r]].tolist() for r in starts.tolist()]
+    c = shared_prefix_len(prompts)
+    ids, valid = left_pad([p[c:] for p in prompts], 0, tokens.device)  # (P, Lp - c); pad keys are masked
+    P = ids.size(0)
+    valid = torch.cat([valid.new_ones(P, c), valid], 1)  # (P, Lp)
+    Lp = valid.size(1)
+    pos = (valid.cumsum(-1) - 1).clamp(min=0)
+    kv = PrefixKV()
+    if c:
+        head = torch.tensor(prompts[0][:c], device=tokens.device)[None]  # (1, c)
+        model(head, pos[:1, :c], attn_mask(valid[:1, :c], 0, c), kv, 0, hidden=True)
+        kv = kv.rows(torch.arange(P, device=tokens.device))  # (1, ...) -> (P, ...) as a view
+    h = model(ids, pos[:, c:], attn_mask(valid, c, Lp - c), kv, c, hidden=True)[:, -1:][group]  # (B, 1, D): predicts completion token 0
+    if Tk == 1:
+        return h
+    # completions in buckets of similar length, each cut to its longest row: less compute on padding
+    order = lens.argsort(descending=True)
+    n_prompt = valid.sum(-1)  # (P,) real prompt tokens
+    outs = []
+    for rows in length_buckets(lens[order].tolist(), overhead):
+        idx = order[rows]  # (b,) rows of this bucket
+        T = int(lens[idx[0]]) - 1  # completion tokens to feed: the last one predicts nothing we score
+        if T <= 0:
+            outs.append(h.new_zeros(len(idx), Tk - 1, h.size(-1)))
+            continue
+        v = torch.cat([valid[group[idx]], valid.new_ones(len(idx), T)], 1)  # (b, Lp + T)
+        pos = n_prompt[group[idx], None] + torch.arange(T, device=v.device)  # (b, T) RoPE positions after the prompt
+        out = model(tokens[idx, :T], pos, attn_mask(v, Lp, T), kv.rows(group[idx]), Lp, hidden=True)  # (b, T, D)
+        outs.append(F.pad(out, (0, 0, 0, Tk - 1 - T)))
+    rest = torch.cat(outs)[order.argsort()]  # (B, Tk - 1, D) back in row order
+    return torch.cat([h, rest], 1)
+
+
+def length_buckets(lens, overhead):
+    """Split rows sorted by length (descending) into contiguous buckets, each padded to its first row's length,
+    minimising padded tokens + `overhead` token-equivalents per bucket (a forward's fixed cost). Returns slices."""
+    n = len(lens)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)  # best[j]: cost of rows [0, j); cut[j]: start of its last bucket
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * lens[i] + overhead
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j:
+        out.append(slice(cut[j], j))
+        j = cut[j]
+    return out[::-1]
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperature=1.0, entropy=False, chunk_tokens=None,
+                        share_prompts=True, bucket_overhead=None):
+    """Forward of [prompt | completion] in the sampler's layout -> logp (B, Tn) fp32 of each completion token at
+    `temperature` (0 where mask is 0), and its entropy (B, Tn) too if entropy=True. Differentiable.
+    share_prompts: shared prompt tokens once, completions in length buckets (_hidden_shared); False is the plain
+    reference path it is tested against. bucket_overhead: what one more forward call costs, in tokens (default 128 on
+    CPU, where a bucket of ~128 tokens still runs near the matmul peak; 4096 elsewhere, a guess: never measured).
+    Logits are made chunk_tokens tokens at a time so (B, Tn, V) fp32 logits never exist whole."""
+    B, Tn = tokens.shape
+    Tk = int(mask.sum(0).nonzero().max()) + 1 if mask.any() else 1  # drop columns past every row's end
+    if share_prompts:
+        overhead = bucket_overhead if bucket_overhead is not None else 128 if tokens.device.type == "cpu" else 4096
+        h = _hidden_shared(model, prompt_ids, prompt_mask, tokens[:, :Tk], mask.sum(1).long().clamp(min=1), overhead)
+    else:
+        h = _hidden_plain(model, prompt_ids, prompt_mask, tokens[:, :Tk])  # (B, Tk, D)
+    # logits only where a completion token is (no lm_head or log-softmax on padding), ~256 MB of fp32 at a time
+    m = mask[:, :Tk] > 0  # (B, Tk)
+    h, tok = h[m], tokens[:, :Tk][m]  # (N, D), (N,)
+    chunk = chunk_tokens or max(1, (1 << 26) // model.cfg.vocab_size)
     t = max(temperature, 1e-6) if temperature > 0 else 1.0
     logps, ents = [], []
-    for i in range(0, B, chunk_rows):
-        logits = model.lm_head(h[i:i + chunk_rows]).float() / t  # (b, Tk, V)
-        lp_all = logits.log_softmax(-1)
-        logps.append(lp_all.gather(-1, tokens[i:i + chunk_rows, :Tk, None])[..., 0])
+    for i in range(0, h.size(0), chunk):
+        lp_all = (model.lm_head(h[i:i + chunk]).float() / t).log_softmax(-1)  # (n, V)
+        logps.append(lp_all.gather(-1, tok[i:i + chunk, None])[:, 0])
         if entropy:
             with torch.no_grad():
                 ents.append(-(lp_all.exp() * lp_all).sum(-1))
-    logp = F.pad(torch.cat(logps) * mask[:, :Tk], (0, Tn - Tk))  # (B, Tn)
+    zeros = mask.new_zeros(B, Tn)
+    logp = zeros.index_put((F.pad(m, (0, Tn - Tk)),), torch.cat(logps)) if logps else zeros  # (B, Tn)
     if not entropy:
         return logp
-    return logp, F.pad(torch.cat(ents) * mask[:, :Tk], (0, Tn - Tk))
+    return logp, zeros.index_put((F.pad(m, (0, Tn - Tk)),), torch.cat(ents)) if ents else zeros

@@ -5,7 +5,7 @@ import torch
 
 from conftest import chat_ids
 from model import KVCache, from_pretrained, stop_token_ids
-from rollout import attn_mask, completion_logprobs, decode_one, generate, left_pad, shared_prefix_len
+from rollout import attn_mask, completion_logprobs, decode_one, generate, left_pad, length_buckets, shared_prefix_len
 
 QUESTIONS = ["What is 7 + 12?", "Compute 23 + 5 and put the final answer in \\boxed{}.", "Hi",
              "Name three colours, then say which one you like best and why."]
@@ -58,6 +58,51 @@ def test_shared_prefix_prefill_equals_plain_left_padding(tiny):
     assert (plain - ro.logp).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_shared_prompt_scoring_equals_plain(tiny_dir, arch, grad_ckpt):
+    """completion_logprobs computing each distinct prompt (and the head they share) once gives the plain per-row
+    forward's log-probs and gradients: ragged prompts, groups of 1-3 rows, a repeated but non-adjacent prompt,
+    completions of different lengths, with and without activation checkpointing."""
+    model, tok = from_pretrained(tiny_dir(arch))
+    model.gradient_checkpointing = grad_ckpt
+    qs = ["What is 1 + 2?", "What is 13 + 24? Think.", "What", "What is 1 + 2?"]
+    prompts = [p for p, n in zip(chat_ids(tok, qs), [3, 2, 1, 2]) for _ in range(n)]  # groups of 3, 2, 1, 2 rows
+    assert shared_prefix_len(prompts) > 5
+    ids, valid = left_pad(prompts, tok.pad_token_id, "cpu")
+    B = len(prompts)
+    tokens = torch.randint(3, 200, (B, 9))
+    mask = (torch.arange(9) < torch.tensor([9, 4, 1, 7, 9, 2, 5, 3])[:, None]).float()
+    grads = []
+    for share, overhead in ((False, None), (True, None), (True, 0)):  # overhead 0: a bucket per completion length
+        model.zero_grad()
+        logp, ent = completion_logprobs(model, ids, valid, tokens, mask, 0.7, entropy=True, share_prompts=share,
+                                        bucket_overhead=overhead)
+        (logp * torch.linspace(-1, 1, B)[:, None]).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if share:
+            assert (logp - plain).abs().max() <= 1e-5 and (ent - plain_ent).abs().max() <= 1e-4
+        else:
+            plain, plain_ent = logp.detach(), ent
+    assert ((plain == 0) | (mask > 0)).all() and (plain[mask > 0] < 0).all()
+    for g in grads[1:]:
+        for a, b in zip(grads[0], g):
+            assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max())
+    one = completion_logprobs(model, ids, valid, tokens[:, :1], mask[:, :1])  # a single completion column
+    assert (one - completion_logprobs(model, ids, valid, tokens[:, :1], mask[:, :1], share_prompts=False)).abs().max() <= 1e-5
+
+
+def test_length_buckets():
+    lens = [9, 9, 7, 5, 5, 2]
+    cost = lambda bs, o: sum((s.stop - s.start) * lens[s.start] + o for s in bs)
+    assert length_buckets(lens, 1000) == [slice(0, 6)]
+    assert [(s.start, s.stop) for s in length_buckets(lens, 0)] == [(0, 2), (2, 3), (3, 5), (5, 6)]
+    for o in (0, 3, 8, 20):  # never worse than one bucket, and a partition of the rows in order
+        bs = length_buckets(lens, o)
+        assert cost(bs, o) <= cost([slice(0, 6)], o) and bs[0].start == 0 and bs[-1].stop == 6
+        assert all(a.stop == b.start for a, b in zip(bs, bs[1:]))
+
+
 def test_greedy_equals_naive_argmax_loop(tiny):
     model, tok = tiny
     prompt = chat_ids(tok, ["hello world"])[0]
@@ -105,7 +150,7 @@ def test_sampler_logp_equals_recomputed(smol, temperature):
                   pad_id=tok.pad_token_id, seed=3)
     with torch.no_grad():
         logp, ent = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, temperature,
-                                        entropy=True, chunk_rows=3)
+                                        entropy=True, chunk_tokens=7)
     assert (logp - ro.logp).abs().max() <= 1e-4
     assert ((ro.logp == 0) | (ro.mask > 0)).all() and (ent >= 0).all() and (ent[ro.mask > 0] > 0).any()
 
