@@ -34,7 +34,7 @@ import torch
 from data import load_problems
 from model import chat_ids, from_pretrained, save_pretrained, stop_token_ids
 from reward import math_reward
-from rollout import generate
+from rollout import generate, shared_prefix_len
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +123,7 @@ WRAP = ("import atexit, resource, runpy, sys, torch; sys.argv = ['train.py'] + s
 LINE = re.compile(r"step (\d+)/\d+ .*?zero_var ([\d.]+) .*?len ([\d.]+) .*?roll ([\d.]+)s \| train ([\d.]+)s")
 
 
-def run_ours(steps, prompt_len, threads, extra=()):
+def run_ours(steps, prompt_len, head, threads, extra=()):
     with tempfile.TemporaryDirectory() as out:
         args = [f"--prompts_per_step={P_STEP}", f"--prompts_per_update={P_STEP}", f"--k={K}",
                 f"--max_new_tokens={MAX_NEW}", f"--num_steps={steps + 1}", "--eval_every=0", "--eval_n=1", "--lr=1e-6",
@@ -134,8 +134,10 @@ def run_ours(steps, prompt_len, threads, extra=()):
         sys.exit(f"train.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     rows = [tuple(map(float, m.groups())) for m in LINE.finditer(p.stdout)][1:]  # drop the warm-up step
     mean = lambda i: sum(r[i] for r in rows) / len(rows)
-    # trained tokens ~ kept rows x (prompt + mean completion): the log has no exact count
-    trained = (1 - mean(1)) * P_STEP * K * (prompt_len + mean(2))
+    # tokens the update forwards ~ kept groups x (prompt past the shared head + k mean completions) + the head once
+    # (completion_logprobs computes each prompt once per group and the chat template's head once): the log has no
+    # exact count
+    trained = (1 - mean(1)) * P_STEP * (prompt_len - head + K * mean(2)) + head
     return dict(gen=mean(3), update=mean(4), tokens=trained, seq=prompt_len + mean(2), zero_var=mean(1),
                 mem=float(re.search(r"PEAKMEM (\d+)", p.stdout).group(1)))
 
@@ -230,6 +232,7 @@ def main(argv):
     probs = load_problems("synthetic:1", "train")
     prompts = [chat_ids(tok, p["prompt"]) for p in probs[:n_prompts]]
     prompt_len = sum(len(chat_ids(tok, p["prompt"])) for p in probs[:64]) / 64
+    head = shared_prefix_len([chat_ids(tok, p["prompt"]) for p in probs[:64]])  # the chat template's common head
     peak = {dt: matmul_peak(dt) for dt in (torch.float32, torch.bfloat16)}
     hf_dir = tempfile.mkdtemp(prefix="bench_hf_")
     save_pretrained(model, tok, hf_dir)
@@ -257,8 +260,8 @@ def main(argv):
     for name, (o, h) in samp.items():
         print(f"  {name:6s} {o:11.0f} {h:9.0f}")
 
-    rl = [("ours", run_ours(steps, prompt_len, threads)),
-          ("ours no-skip*", run_ours(steps, prompt_len, threads, ["--kl_coef=1e-9"]))]
+    rl = [("ours", run_ours(steps, prompt_len, head, threads)),
+          ("ours no-skip*", run_ours(steps, prompt_len, head, threads, ["--kl_coef=1e-9"]))]
     if skip_trl:
         print("\n--skip-trl: no TRL row")
     else:
@@ -277,8 +280,9 @@ def main(argv):
               f"{r['fs'] / 1e9:11.1f} {r['fs'] / peak[torch.float32]:6.1%} {r['mem'] / 2**30:7.2f}GB")
     print(f"  * ours drops zero-variance groups before the forward (zero_var {rl[0][1]['zero_var']:.2f} of groups "
           f"this run); TRL trains on every row. 'no-skip' keeps them (--kl_coef=1e-9), which also loads a frozen "
-          f"reference and adds its log-prob forward to gen. Ours' trained tokens are estimated from its log (kept "
-          f"fraction x rows x (mean prompt + mean completion)); TRL's are counted")
+          f"reference and adds its log-prob forward to gen. Ours forwards each prompt once per group and the common "
+          f"chat-template head ({head} tokens) once; its trained tokens are estimated from its log (kept groups x "
+          f"(prompt - head + k x mean completion) + head). TRL forwards every row's prompt; its tokens are counted")
 
     print("\nratios (ours / peer; > 1 = ours faster)")
     for name, (o, h) in samp.items():
