@@ -2,7 +2,7 @@
 The paper's comparison, scaled down: 16/8/4/2-GRPO, 2-GRPO+RS and online DPO, several seeds each, one train.py
 subprocess per run, eval.py on the final policy, then a table of the paper's headline ratios and two plots.
 
-    python experiments.py                  # default: 6 methods x 3 seeds, SmolLM2-135M, synthetic:1 (~4.3 h, 2 CPUs)
+    python experiments.py                  # default: 6 methods x 3 seeds, SmolLM2-135M, synthetic:1 (~3 h estimated, 2 CPUs)
     python experiments.py --dry_run        # print the grid and the time estimate, run nothing
     python experiments.py --quick          # smoke grid: 1 seed x 2 steps of 8 prompts (~10 min on 2 CPU cores)
     python experiments.py --methods=grpo16,grpo2 --seeds=5 --out=results/g2 --runs=runs/g2
@@ -74,8 +74,9 @@ class Config:
 
 QUICK = dict(seeds=1, num_steps=2, prompts_per_step=8, rollouts_per_update=16, max_new_tokens=32, eval_every=1,
              save_every=1, eval_n=16, n_samples=2, out="results/quick", runs="runs/quick")
-# rough costs on 2 CPU cores for SmolLM2-135M at <= 64 tokens (a 32x2 step: ~10 s rollouts, ~8 s update)
-SEC_ROLLOUT, SEC_UPDATE, SEC_EVAL_ROW, SEC_PROC, P_CORRECT = 0.16, 0.3, 0.15, 15, 0.3
+# rough costs on 2 CPU cores for SmolLM2-135M at <= 64 tokens, per rollout sampled / trained on (the 2026-11-28
+# CPU grid: 0.09-0.16 s sampling, 0.1-0.14 s update, 16-GRPO at the low end; dev machines differ up to 2x)
+SEC_ROLLOUT, SEC_UPDATE, SEC_EVAL_ROW, SEC_PROC, P_CORRECT = 0.12, 0.15, 0.15, 15, 0.3
 
 
 def group_size(m):
