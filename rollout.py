@@ -9,7 +9,8 @@ Layout (shared by sampling and scoring, so old_logp == logp on-policy): prompts 
 needed, and completions follow at column Lp; RoPE positions count real tokens only (pos = cumsum(valid) - 1), pad
 keys are masked, so where the padding sits does not change any number. The prefix every prompt shares (the chat
 template's system turn) is prefilled once, each unique prompt's rest once, and the cache forked into k rows
-(nanochat); decode runs on a preallocated cache. Row r belongs to prompt r // k.
+(nanochat); decode runs on a preallocated cache. Row r belongs to prompt r // k. The scorer does the same with
+autograd on: the shared prefix and each distinct prompt forwarded once, completions on top of their keys/values.
 """
 from dataclasses import dataclass
 
@@ -234,7 +235,8 @@ def _hidden_shared(model, prompt_ids, prompt_mask, tokens, lens, overhead):
         head = torch.tensor(prompts[0][:c], device=tokens.device)[None]  # (1, c)
         model(head, pos[:1, :c], attn_mask(valid[:1, :c], 0, c), kv, 0, hidden=True)
         kv = kv.rows(torch.arange(P, device=tokens.device))  # (1, ...) -> (P, ...) as a view
-    h = model(ids, pos[:, c:], attn_mask(valid, c, Lp - c), kv, c, hidden=True)[:, -1:][group]  # (B, 1, D): predicts completion token 0
+    h = model(ids, pos[:, c:], attn_mask(valid, c, Lp - c), kv, c, hidden=True)  # (P, Lp - c, D)
+    h = h[:, -1:][group]  # (B, 1, D): each row's last prompt position, which predicts completion token 0
     if Tk == 1:
         return h
     # completions in buckets of similar length, each cut to its longest row: less compute on padding
