@@ -231,8 +231,9 @@ def main(argv):
     n_params, cfg = model.num_params(), model.cfg
     probs = load_problems("synthetic:1", "train")
     prompts = [chat_ids(tok, p["prompt"]) for p in probs[:n_prompts]]
-    prompt_len = sum(len(chat_ids(tok, p["prompt"])) for p in probs[:64]) / 64
-    head = shared_prefix_len([chat_ids(tok, p["prompt"]) for p in probs[:64]])  # the chat template's common head
+    sample = [chat_ids(tok, p["prompt"]) for p in probs[:64]]
+    prompt_len = sum(len(p) for p in sample) / len(sample)
+    head = shared_prefix_len(sample)  # the chat template's common head
     peak = {dt: matmul_peak(dt) for dt in (torch.float32, torch.bfloat16)}
     hf_dir = tempfile.mkdtemp(prefix="bench_hf_")
     save_pretrained(model, tok, hf_dir)

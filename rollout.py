@@ -87,6 +87,46 @@ def sample(logits, temperature, top_k, top_p, u):
     return ids, logp_all.gather(-1, ids[:, None])[:, 0]
 
 
+class PrefixKV:
+    """A differentiable stand-in for KVCache, for prompt prefill and scoring: layer i's keys/values are those already
+    held (B, Hkv, slot, hd) followed by the new chunk's. Unlike KVCache nothing is written in place, so autograd runs
+    through it. Re-running a layer (activation checkpointing recomputes) reads only the first `slot` columns."""
+
+    def __init__(self, k=None, v=None):
+        self.k, self.v = k or {}, v or {}
+
+    def update(self, layer, slot, k, v):
+        if slot:
+            k = torch.cat([self.k[layer][:, :, :slot], k], 2)
+            v = torch.cat([self.v[layer][:, :, :slot], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def rows(self, idx):
+        """The same keys/values for batch rows idx (B',): expand or gather, both differentiable."""
+        pick = lambda t: t.expand(len(idx), *t.shape[1:]) if t.size(0) == 1 else t.index_select(0, idx)
+        return PrefixKV({i: pick(t) for i, t in self.k.items()}, {i: pick(t) for i, t in self.v.items()})
+
+
+def prefill_prompts(model, prompts, pad_id, device):
+    """Prompts in the layout [shared prefix | left padding | rest of each prompt]: chat templates give every prompt the
+    same head (system turn + "user\n" + task wording), whose keys/values are computed once (batch 1), then each
+    prompt's rest on top of them. Differentiable when grad is on (the scorer), used under no_grad by the sampler.
+    Returns ids (P, Lp), valid (P, Lp), kv (a PrefixKV of P rows, Lp columns), h (P, D) at each last position."""
+    P, c = len(prompts), shared_prefix_len(prompts)
+    ids, valid = left_pad([p[c:] for p in prompts], pad_id, device)  # (P, Lp - c)
+    ids = torch.cat([torch.tensor(prompts[0][:c], dtype=torch.long, device=device).expand(P, c), ids], 1)  # (P, Lp)
+    valid = torch.cat([torch.ones(P, c, dtype=torch.bool, device=device), valid], 1)
+    Lp = ids.size(1)
+    pos = (valid.cumsum(-1) - 1).clamp(min=0)  # (P, Lp)
+    kv = PrefixKV()
+    if c:
+        model(ids[:1, :c], pos[:1, :c], attn_mask(valid[:1, :c], 0, c), kv, 0, hidden=True)
+        kv = kv.rows(torch.arange(P, device=device))  # (1, ...) -> (P, ...) as a view
+    h = model(ids[:, c:], pos[:, c:], attn_mask(valid, c, Lp - c), kv, c, hidden=True)  # (P, Lp - c, D)
+    return ids, valid, kv, h[:, -1]
+
+
 @torch.no_grad()
 def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), pad_id=0,
              seed=0, sync_every=None, decode_fn=None):
@@ -104,29 +144,16 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     assert len(seeds) == B, f"need one seed per row ({B}), got {len(seeds)}"
     noise = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s)) for s in seeds])
     noise = noise.to(device)  # (B, max_new_tokens): row r's uniforms, drawn on CPU so every device agrees
-    # layout [shared prefix | left padding | rest of each prompt]: chat templates give every prompt the same head
-    # (system turn + "user\n" + task wording), whose keys/values are computed once for all P prompts
-    c = shared_prefix_len(prompts)
-    ids, valid = left_pad([p[c:] for p in prompts], pad_id, device)  # (P, Lp - c)
-    ids = torch.cat([torch.tensor(prompts[0][:c], dtype=torch.long, device=device).expand(P, c), ids], 1)  # (P, Lp)
-    valid = torch.cat([torch.ones(P, c, dtype=torch.bool, device=device), valid], 1)
+    # prefill: the shared prefix once, the rest of each unique prompt once, then fork the cache into k rows
+    ids, valid, kv, h = prefill_prompts(model, prompts, pad_id, device)
+    logits = linear(h, model.lm_head).float()  # (P, V): logits of the last prompt position only
     Lp = ids.size(1)
     S = Lp + max_new_tokens
-
-    # prefill: the shared prefix once (batch 1), the rest of each unique prompt once, then fork into k rows
-    pos = (valid.cumsum(-1) - 1).clamp(min=0)  # (P, Lp)
-    small = KVCache(cfg, P, Lp, device, dtype)
-    if c:
-        head = KVCache(cfg, 1, c, device, dtype)
-        model(ids[:1, :c], pos[:1, :c], attn_mask(valid[:1, :c], 0, c), head, 0, hidden=True)  # fills head
-        small.k[:, :, :, :c], small.v[:, :, :, :c] = head.k, head.v  # broadcast over the P prompts
-        del head
-    h = model(ids[:, c:], pos[:, c:], attn_mask(valid, c, Lp - c), small, c, hidden=True)  # (P, Lp - c, D)
-    logits = linear(h[:, -1], model.lm_head).float()  # (P, V): logits of the last prompt position only
     cache = KVCache(cfg, B, S, device, dtype)
-    cache.k[:, :, :, :Lp] = small.k.repeat_interleave(k, dim=1)
-    cache.v[:, :, :, :Lp] = small.v.repeat_interleave(k, dim=1)
-    del small
+    for i in range(cfg.n_layers):
+        cache.k[i, :, :, :Lp] = kv.k[i].repeat_interleave(k, dim=0)
+        cache.v[i, :, :, :Lp] = kv.v[i].repeat_interleave(k, dim=0)
+    del kv
     logits = logits.repeat_interleave(k, dim=0)  # (B, V): each row samples its own first token
     kv_valid = torch.cat([valid.repeat_interleave(k, 0), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
     next_pos = valid.sum(-1).repeat_interleave(k)  # (B,) position of the first completion token
@@ -180,27 +207,6 @@ def make_compiled_decode():
     return torch.compile(decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
-class PrefixKV:
-    """A differentiable stand-in for KVCache when scoring: layer i's keys/values are those already held (B, Hkv, slot,
-    hd) followed by the new chunk's. Unlike KVCache nothing is written in place, so autograd runs through it.
-    Re-running a layer (activation checkpointing recomputes) reads only the first `slot` columns, so it is safe."""
-
-    def __init__(self, k=None, v=None):
-        self.k, self.v = k or {}, v or {}
-
-    def update(self, layer, slot, k, v):
-        if slot:
-            k = torch.cat([self.k[layer][:, :, :slot], k], 2)
-            v = torch.cat([self.v[layer][:, :, :slot], v], 2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-    def rows(self, idx):
-        """The same keys/values for batch rows idx (B',): expand or gather, both differentiable."""
-        pick = lambda t: t.expand(len(idx), *t.shape[1:]) if t.size(0) == 1 else t.index_select(0, idx)
-        return PrefixKV({i: pick(t) for i, t in self.k.items()}, {i: pick(t) for i, t in self.v.items()})
-
-
 def _hidden_plain(model, prompt_ids, prompt_mask, tokens):
     """One forward of [prompt | completion] per row -> hidden states predicting each completion token (B, Tk, D)."""
     first = int(prompt_mask.any(0).float().argmax())  # drop prompt columns that are padding in every row
@@ -224,19 +230,9 @@ def _hidden_shared(model, prompt_ids, prompt_mask, tokens, lens, overhead):
     group = torch.cat([same.new_zeros(1), ~same]).long().cumsum(0)  # (B,) index of each row's distinct prompt
     starts = torch.cat([same.new_ones(1), ~same]).nonzero()[:, 0]
     prompts = [prompt_ids[r][prompt_mask[r]].tolist() for r in starts.tolist()]
-    c = shared_prefix_len(prompts)
-    ids, valid = left_pad([p[c:] for p in prompts], 0, tokens.device)  # (P, Lp - c); pad keys are masked
-    P = ids.size(0)
-    valid = torch.cat([valid.new_ones(P, c), valid], 1)  # (P, Lp)
+    _, valid, kv, h = prefill_prompts(model, prompts, 0, tokens.device)  # pad keys are masked: any pad id works
     Lp = valid.size(1)
-    pos = (valid.cumsum(-1) - 1).clamp(min=0)
-    kv = PrefixKV()
-    if c:
-        head = torch.tensor(prompts[0][:c], device=tokens.device)[None]  # (1, c)
-        model(head, pos[:1, :c], attn_mask(valid[:1, :c], 0, c), kv, 0, hidden=True)
-        kv = kv.rows(torch.arange(P, device=tokens.device))  # (1, ...) -> (P, ...) as a view
-    h = model(ids, pos[:, c:], attn_mask(valid, c, Lp - c), kv, c, hidden=True)  # (P, Lp - c, D)
-    h = h[:, -1:][group]  # (B, 1, D): each row's last prompt position, which predicts completion token 0
+    h = h[group, None]  # (B, 1, D): each row's last prompt position, which predicts completion token 0
     if Tk == 1:
         return h
     # completions in buckets of similar length, each cut to its longest row: less compute on padding
@@ -301,8 +297,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperatur
         if entropy:
             with torch.no_grad():
                 ents.append(-(lp_all.exp() * lp_all).sum(-1))
-    zeros = mask.new_zeros(B, Tn)
-    logp = zeros.index_put((F.pad(m, (0, Tn - Tk)),), torch.cat(logps)) if logps else zeros  # (B, Tn)
-    if not entropy:
-        return logp
-    return logp, zeros.index_put((F.pad(m, (0, Tn - Tk)),), torch.cat(ents)) if ents else zeros
+    def scatter(xs):  # (N,) chunks -> (B, Tn), 0 where mask is 0 (no chunks when no row has a token)
+        zeros = mask.new_zeros(B, Tn)
+        return zeros.index_put((F.pad(m, (0, Tn - Tk)),), torch.cat(xs)) if xs else zeros
+    return (scatter(logps), scatter(ents)) if entropy else scatter(logps)
