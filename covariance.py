@@ -7,8 +7,8 @@ g+ - g- has less variance than g+ alone; pairs shuffled across prompts are not.
     python covariance.py --quick    # smoke: 4 prompts x 4 responses, well under a minute
 
 g = grad of log pi(o|q) (summed over completion tokens at T=1, as Prop 4.1; --agg=mean for the token mean GRPO
-uses) with respect to the last `layers` transformer blocks and the final norm (the tied embedding/lm_head is left
-out: it would make every gradient reach the 28M-row embedding). Each g is count-sketched to `dim` numbers (every
+uses) with respect to the last `layers` transformer blocks and the final norm by default; --layers=0 --embed=True
+takes the whole model, the tied embedding/lm_head included. Each g is count-sketched to `dim` numbers (every
 coordinate lands in one seeded bucket with a seeded sign: E<Sa, Sb> = <a, b>, so inner products and hence trace
 covariances are unbiased). Cov is the trace covariance over pairs, mean_i <g+_i - mean g+, g-_i - mean g->, over
 all (correct, incorrect) pairs of each mixed prompt; the baseline pairs each g+ with a random permutation of the
@@ -38,7 +38,8 @@ class Config:
     n_prompts: int = 32        # mixed prompts to keep (at least one correct and one incorrect response)
     n_responses: int = 8       # samples per prompt at temperature 1
     max_new_tokens: int = 48
-    layers: int = 2            # gradient w.r.t. the last `layers` blocks (+ final norm)
+    layers: int = 2            # gradient w.r.t. the last `layers` blocks (+ final norm); 0 = every block
+    embed: bool = False        # also the embedding (tied to lm_head in SmolLM2: 28M of its 135M parameters)
     dim: int = 4096            # count-sketch size
     agg: str = "sum"           # sum: log pi(o|q) as Prop 4.1 | mean: per-token mean, as GRPO's loss
     n_perm: int = 200          # shuffled baselines
@@ -120,12 +121,16 @@ if __name__ == "__main__":
     if len(kept) < 2:
         sys.exit("error: fewer than 2 prompts with mixed rewards; try more --n_responses or a larger pool")
 
-    # ---- one backward per response; only the last blocks (+ final norm) need gradients
+    # ---- one backward per response; only the chosen parameters need gradients
     model.requires_grad_(False)
-    params = [p for blk in model.layers[-cfg.layers:] for p in blk.parameters()] + list(model.norm.parameters())
+    blocks = model.layers[-cfg.layers:] if cfg.layers else model.layers
+    params = [p for blk in blocks for p in blk.parameters()] + list(model.norm.parameters())
+    if cfg.embed:
+        params += [model.embed_tokens.weight] + ([] if model.cfg.tie_embeddings else [model.lm_head.weight])
     for p in params:
         p.requires_grad_(True)
-    idx, sign = count_sketch(sum(p.numel() for p in params), cfg.dim, cfg.seed)
+    n_params = sum(p.numel() for p in params)
+    idx, sign = count_sketch(n_params, cfg.dim, cfg.seed)
     gp, gn = [], []
     for n, (prompt, responses, r) in enumerate(kept):
         sk = []
@@ -151,6 +156,6 @@ if __name__ == "__main__":
           f"0.08705 vs 0.00128")
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     with open(cfg.out, "w") as f:
-        json.dump(dict(**res, n_prompts=len(kept), n_tried=tried, time_s=round(time.time() - t0, 1), config=asdict(cfg),
+        json.dump(dict(**res, n_params=n_params, n_prompts=len(kept), n_tried=tried, time_s=round(time.time() - t0, 1), config=asdict(cfg),
                        paper=dict(cov_same=0.08705, cov_perm=0.00128)), f, indent=1)
     print(f"wrote {cfg.out}")

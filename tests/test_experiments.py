@@ -13,6 +13,7 @@ import torch
 import covariance as cv
 import experiments as ex
 from conftest import make_tiny
+from model import from_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,11 +178,14 @@ def test_experiments_quick_end_to_end_and_resume(tiny):
     assert p.returncode != 0 and "other settings" in p.stderr
 
 
-def test_covariance_quick(tiny):
+@pytest.mark.parametrize("whole", [False, True])
+def test_covariance_quick(tiny, whole):
     out = tiny["dir"] / "cov.json"
-    p = script("covariance.py", tiny, "--quick", f"--out={out}")
+    p = script("covariance.py", tiny, "--quick", f"--out={out}", *(["--layers=0", "--embed=True"] if whole else []))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "Cov(g+, g-) same prompt" in p.stdout
     r = json.load(open(out))
+    model, _ = from_pretrained(tiny["model"])  # the whole model: every parameter once (the tied lm_head too)
+    assert (r["n_params"] == model.num_params()) == whole
     assert r["n_prompts"] == 4 and r["n_pairs"] >= 4 and r["var_pos"] > 0 and r["var_neg"] > 0
     assert -1 <= r["rho_same"] <= 1 and r["paper"] == dict(cov_same=0.08705, cov_perm=0.00128)
