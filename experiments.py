@@ -183,12 +183,23 @@ def mean_std(xs):
     return mu, math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
+def acc_at(curve, wall_min):
+    """Held-out greedy accuracy on a run's eval curve at wall_min minutes of training: linear between evals, the
+    last eval's value past the end."""
+    pts = [(p["wall_min"], p["acc"]) for p in curve]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if wall_min <= x1:
+            return y1 if x1 <= x0 else y0 + (y1 - y0) * (max(wall_min, x0) - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
 def ratios(results, m, base=BASE):
     """The paper's headline ratios of method m to base (paper.md section 14), runs paired by seed (a seed is our
     "setting": same prompts). rollouts: total generated rollouts, sum/sum (12.5% = 0.15M/1.2M). time: mean over
     seeds of the per-seed wall-clock ratio (21.0% = mean of 5 per-setting ratios). retention: mean over seeds x
     {mean@k, pass@k} of per-cell accuracy ratios (v2's 98.1%). retention_mean: pooled mean@k, sum/sum (v3's 97.6%).
-    None where nothing is paired or a denominator is 0."""
+    base_at_time: not in the paper, the equal-time view: base's greedy accuracy after as much training time as m
+    took (its eval curve, same seed), mean over seeds. None where nothing is paired or a denominator is 0."""
     a = {r["seed"]: r for r in results if r["method"] == m}
     b = {r["seed"]: r for r in results if r["method"] == base}
     seeds = sorted(a.keys() & b.keys())
@@ -197,7 +208,8 @@ def ratios(results, m, base=BASE):
     return dict(rollouts=pooled("rollouts") if seeds else None,
                 time=avg([a[s]["wall_s"] / b[s]["wall_s"] for s in seeds if b[s]["wall_s"]]),
                 retention=avg([a[s][k] / b[s][k] for s in seeds for k in ("mean@k", "pass@k") if b[s][k]]),
-                retention_mean=pooled("mean@k") if seeds else None)
+                retention_mean=pooled("mean@k") if seeds else None,
+                base_at_time=avg([acc_at(b[s]["curve"], a[s]["wall_s"] / 60) for s in seeds]))
 
 
 def table(results, base=BASE):
@@ -207,7 +219,7 @@ def table(results, base=BASE):
     k = results[0]["k"]
     lines = [f"| method | seeds | greedy acc | mean@{k} | pass@{k} | rollouts | rollout min | update min | total min "
              f"| rollouts vs {base} | time vs {base} | retention (v2 rule) | mean@{k} retention (v3 rule) "
-             "| paper: rollouts / time / retention |", "|" + "---|" * 14]
+             f"| paper: rollouts / time / retention | {base} greedy at equal time |", "|" + "---|" * 15]
     for m in [x for x in METHODS if any(r["method"] == x for r in results)]:
         rs = [r for r in results if r["method"] == m]
         col = lambda key, f=1.0: [r[key] * f for r in rs]
@@ -217,6 +229,7 @@ def table(results, base=BASE):
                  mean("roll_s", 1 / 60), mean("train_s", 1 / 60),
                  pm(col("wall_s", 1 / 60), "{:.1f} ± {:.1f}")]
         cells += [pct(rt[key]) for key in ("rollouts", "time", "retention", "retention_mean")] + [PAPER[m]]
+        cells += ["n/a" if rt["base_at_time"] is None else f"{rt['base_at_time']:.3f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
@@ -268,7 +281,9 @@ def report(c):
           f" ({os.cpu_count()} CPUs here).\n\n{table(results)}\n\n"
           "Ratios to 16-GRPO pair runs by seed, as paper.md section 14: rollouts = total generated rollouts (sum/sum); "
           "time = mean over seeds of per-seed wall-clock ratios; retention (v2 rule, 98.1%) = mean over seeds x "
-          "{mean@k, pass@k} of per-cell accuracy ratios; mean@k retention (v3 rule, 97.6%) = pooled sum/sum.\n\n"
+          "{mean@k, pass@k} of per-cell accuracy ratios; mean@k retention (v3 rule, 97.6%) = pooled sum/sum. "
+          "The last column is not the paper's: 16-GRPO's held-out greedy accuracy after the same training time as "
+          "the method (its eval curve, same seed, linear between evals), to set against the method's greedy acc.\n\n"
           "![accuracy vs time](acc_vs_time.png) ![accuracy vs rollouts](acc_vs_rollouts.png)\n")
     stale = [f"{r['method']}_s{r['seed']}" for r in results if r["train_args"] != train_args(r["method"], r["seed"], c)]
     if stale:  # the header above describes this invocation's settings

@@ -37,10 +37,20 @@ def test_ratios_hand_values():
     assert r["time"] == pytest.approx((20 / 100 + 50 / 200) / 2)                      # mean of per-seed ratios
     assert r["retention"] == pytest.approx((0.45 / 0.5 + 0.8 / 0.8 + 0.4 / 0.4 + 0.72 / 0.8) / 4)  # per cell
     assert r["retention_mean"] == pytest.approx((0.45 + 0.4) / (0.5 + 0.4))           # pooled mean@k
-    assert ex.ratios(rs, "grpo16") == pytest.approx(dict(rollouts=1.0, time=1.0, retention=1.0, retention_mean=1.0))
-    assert ex.ratios(rs, "dpo") == dict(rollouts=None, time=None, retention=None, retention_mean=None)
+    # 16-GRPO's curves go 0.3 -> 0.5 over 100 s (seed 0) and 0.3 -> 0.5 over 200 s (seed 1): at 20 s and 50 s
+    assert r["base_at_time"] == pytest.approx((0.3 + 0.2 * 20 / 100 + 0.3 + 0.2 * 50 / 200) / 2)
+    assert ex.ratios(rs, "grpo16") == pytest.approx(dict(rollouts=1.0, time=1.0, retention=1.0, retention_mean=1.0,
+                                                         base_at_time=0.5))
+    none = dict(rollouts=None, time=None, retention=None, retention_mean=None, base_at_time=None)
+    assert ex.ratios(rs, "dpo") == none
     zero = [res("grpo16", 0, 4096, 0.0, 0.0, 0.0), res("grpo2", 0, 512, 0.0, 0.1, 0.1)]  # tiny runs: 0.0 s, 0 acc
-    assert ex.ratios(zero, "grpo2") == dict(rollouts=0.125, time=None, retention=None, retention_mean=None)
+    assert ex.ratios(zero, "grpo2") == {**none, "rollouts": 0.125, "base_at_time": 0.5}
+
+
+def test_acc_at_interpolates_the_eval_curve():
+    curve = [dict(wall_min=0.0, acc=0.2), dict(wall_min=2.0, acc=0.6), dict(wall_min=4.0, acc=0.4)]
+    assert [ex.acc_at(curve, x) for x in (0.0, 1.0, 2.0, 3.0, 4.0, 9.0)] == pytest.approx([0.2, 0.4, 0.6, 0.5, 0.4, 0.4])
+    assert ex.acc_at([dict(wall_min=0.0, acc=0.3), dict(wall_min=0.0, acc=0.7)], 0.0) == 0.7  # 0-second steps
 
 
 def test_ratio_rules_reproduce_the_papers_headlines():
@@ -61,12 +71,13 @@ def test_mean_std_and_table():
     t = ex.table(rs)
     header, rows = t.splitlines()[0], t.splitlines()[2:]
     for col in ("greedy acc", "mean@8", "pass@8", "rollouts", "rollout min", "update min", "total min",
-                "time vs grpo16", "retention (v2 rule)", "mean@8 retention (v3 rule)", "paper"):
+                "time vs grpo16", "retention (v2 rule)", "mean@8 retention (v3 rule)", "paper", "at equal time"):
         assert col in header
     assert [r.split("|")[1].strip() for r in rows] == ["grpo16", "grpo2"]
     g2 = [c.strip() for c in rows[1].split("|")]
     assert g2[4:6] == ["0.400 ± 0.141", "0.350 ± 0.071"]  # mean@k (0.5, 0.3), pass@k (0.4, 0.3)
-    assert g2[10:15] == ["12.5%", "20.0%", "75.0%", "100.0%", ex.PAPER["grpo2"]]  # (1 + .5 + 1 + .5)/4; .8/.8
+    assert g2[10:16] == ["12.5%", "20.0%", "75.0%", "100.0%", ex.PAPER["grpo2"], "0.340"]  # (1+.5+1+.5)/4; .8/.8
+    assert [c.strip() for c in rows[0].split("|")][15] == "0.500"  # 16-GRPO against itself: its own final greedy
     assert [x for point in ex.mean_curves(rs, "grpo2") for x in point] == pytest.approx([0.0, 0.0, 0.3, 2.0, 512.0, 0.5])
 
 
