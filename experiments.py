@@ -48,6 +48,7 @@ class Config:
     model: str = "smollm2-135m-instruct"
     data: str = "synthetic:1"
     fallbacks: str = "boxed,last_number"
+    train_n: int = 0               # training problems (train.py --train_n): fewer, so the runs make more epochs
     methods: str = ",".join(METHODS)
     seeds: int = 3                 # seeds 0..seeds-1 (train.py --seed: prompt order and sampling)
     num_steps: int = 8             # generation batches per run
@@ -98,6 +99,7 @@ def train_args(m, seed, c):
             f"--num_steps={c.num_steps}", f"--prompts_per_step={c.prompts_per_step}",
             f"--max_new_tokens={c.max_new_tokens}", f"--eval_every={c.eval_every}", f"--save_every={c.save_every}",
             f"--eval_n={c.eval_n}"] + ([f"--threads={c.threads}"] if c.threads else [])
+    base += [f"--train_n={c.train_n}"] if c.train_n else []  # (only when set: older runs' args stay the same)
     return base + method_args(m, c)
 
 
@@ -272,8 +274,9 @@ def report(c):
         print(f"no results in {c.out}")
         return
     devices = ", ".join(sorted({r["device"] for r in results}))
+    epochs = f" ({c.num_steps * c.prompts_per_step / c.train_n:g} epochs of {c.train_n} problems)" if c.train_n else ""
     md = (f"# 16-GRPO vs 2-GRPO and friends, scaled down\n\n{c.model} on {c.data}: {c.num_steps} steps x "
-          f"{c.prompts_per_step} prompts per method, {c.rollouts_per_update} rollouts per mini-batch, lr(G) = "
+          f"{c.prompts_per_step} prompts per method{epochs}, {c.rollouts_per_update} rollouts per mini-batch, lr(G) = "
           f"{c.lr2:g} * 2/G, dpo lr {c.dpo_lr:g} beta {c.beta:g}. Final eval on the held-out split: greedy, and "
           f"mean@k / pass@k with k={results[0]['k']} samples at T={c.temperature} top-p {c.top_p} top-k {c.top_k}, "
           f"max {c.max_new_tokens} new tokens. Mean ± sample std over seeds; time is rollout + update wall-clock "

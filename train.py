@@ -34,6 +34,7 @@ class Config:
     model: str = "smollm2-135m-instruct"  # from_pretrained name: built-in, HF dir, hub id or .gguf file
     data: str = "synthetic:1"             # training problems (data.load_problems); dpo_offline: a preference .jsonl
     eval_data: str = ""                   # held-out problems; "" = the test split of `data`
+    train_n: int = 0                      # train on a seeded subset of this many problems (more epochs); 0 = all
     fallbacks: str = "boxed,last_number"  # answer extraction order (reward.py): boxed, answer, hash, last_number
     # algorithm
     algo: str = "grpo"                    # grpo | dpo (online, pairs from k=2 rollouts) | dpo_offline
@@ -158,7 +159,7 @@ try:
         train_items = load_preferences(cfg.data)
         eval_problems = load_problems(cfg.eval_data, "test", n=cfg.eval_n or None) if cfg.eval_data else []
     else:
-        train_items = load_problems(cfg.data, "train", seed=cfg.seed)
+        train_items = load_problems(cfg.data, "train", n=cfg.train_n or None, seed=cfg.seed)
         eval_problems = load_problems(cfg.eval_data or cfg.data, "test", n=cfg.eval_n or None)
 except (ValueError, FileNotFoundError) as e:
     die(e)

@@ -48,7 +48,7 @@ def params(out):
 
 @pytest.mark.parametrize("args", [
     ["--algo=grpo", "--k=2", "--grad_ckpt=True"],
-    ["--algo=grpo", "--k=4", "--agg=token_mean", "--adv_unbiased=True"],
+    ["--algo=grpo", "--k=4", "--agg=token_mean", "--adv_unbiased=True", "--train_n=10"],
     ["--algo=grpo", "--k=2", "--resample=True", "--kl_coef=0.05", "--agg=const"],
     ["--algo=grpo", "--k=2", "--resample=True"],
     ["--algo=dpo", "--k=2"],
@@ -64,6 +64,7 @@ def test_each_algorithm_trains(setup, tmp_path, args):
     before = torch.load(os.path.join(tmp_path, "ckpt.pt"), weights_only=False)
     assert before["state"]["step"] == 2 and before["config"]["algo"] in args[0]
     assert "held-out greedy accuracy" in p.stdout
+    assert f"{10 if '--train_n=10' in args else 20 if 'dpo_offline' in args[0] else 40} training items" in p.stdout
     if "--resample=True" in args and "--kl_coef=0.05" not in args:  # RS refilled dropped pairs
         assert all(" zero_var " in line for line in lines)
         assert int(lines[-1].split("rollouts ")[1].split()[0]) > 2 * 8 * 2
