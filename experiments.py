@@ -6,6 +6,7 @@ subprocess per run, eval.py on the final policy, then a table of the paper's hea
     python experiments.py --dry_run        # print the grid and the time estimate, run nothing
     python experiments.py --quick          # smoke grid: 1 seed x 2 steps of 8 prompts (~10 min on 2 CPU cores)
     python experiments.py --methods=grpo16,grpo2 --seeds=5 --out=results/g2 --runs=runs/g2
+    python experiments.py --train_n=64 --num_steps=40 --prompts_per_step=16 --rollouts_per_update=32  # 10 epochs
     python experiments.py --report_only    # rebuild results/RESULTS.md and the plots from the JSONs
 
 -> results/<method>_s<seed>.json, results/RESULTS.md (printed too), results/acc_vs_time.png, acc_vs_rollouts.png.
