@@ -156,6 +156,6 @@ if __name__ == "__main__":
           f"0.08705 vs 0.00128")
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     with open(cfg.out, "w") as f:
-        json.dump(dict(**res, n_params=n_params, n_prompts=len(kept), n_tried=tried, time_s=round(time.time() - t0, 1), config=asdict(cfg),
-                       paper=dict(cov_same=0.08705, cov_perm=0.00128)), f, indent=1)
+        json.dump(dict(**res, n_params=n_params, n_prompts=len(kept), n_tried=tried, time_s=round(time.time() - t0, 1),
+                       config=asdict(cfg), paper=dict(cov_same=0.08705, cov_perm=0.00128)), f, indent=1)
     print(f"wrote {cfg.out}")

@@ -106,6 +106,9 @@ try:
     if cfg.prompts_per_step % cfg.prompts_per_update:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of "
                          f"prompts_per_update={cfg.prompts_per_update}")
+    if cfg.train_n < 0 or (cfg.train_n and cfg.algo == "dpo_offline"):
+        raise ValueError(f"--train_n={cfg.train_n}: a number of training problems >= 0 (0 = all); dpo_offline reads "
+                         "every preference pair, drop --train_n there")
 except (ValueError, FileNotFoundError) as e:
     die(e)
 ddp = "RANK" in os.environ

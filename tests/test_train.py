@@ -146,6 +146,8 @@ def one_error_line(p):
     (["configs/does_not_exist.py"], "does_not_exist.py"),
     (["--model=/no/such/model"], "model not found"),
     (["--prompts_per_update=3"], "must be a multiple"),
+    (["--train_n=-1"], "--train_n=-1: a number of training problems >= 0"),
+    (["--train_n=8", "--algo=dpo_offline"], "dpo_offline reads every preference pair"),
 ])
 def test_config_and_path_errors(setup, tmp_path, args, expect):
     assert expect in one_error_line(run(setup, tmp_path, *args))
