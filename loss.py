@@ -17,8 +17,10 @@ Conventions (and where they depart from the paper, verl or TRL):
 3. Policy loss (Eq. 4-5), token level: ratio = exp(logp - old_logp), log-ratio clamped to ±20 as verl;
    per-token loss = -min(A*ratio, A*clip(ratio, 1-clip_low, 1+clip_high)).
    - Clip-higher as DAPO and the paper (App. C.1): clip_low=0.2, clip_high=0.28.
-   - Dual-clip is NOT applied (verl applies clip_ratio_c=3 for A<0 by default): with 1-2 updates per
-     rollout batch ratios stay near 1, and the paper never mentions it.
+   - Dual-clip (dual_clip=c, verl's clip_ratio_c; off by default here, verl's default is c=3): for A<0 the
+     per-token loss is also capped at -A*c, so a token whose ratio ran past c stops pushing (clipfrac_dual
+     counts them). It can bind on GRPO-16's many updates per batch, rarely on 2-GRPO's 1-2; the paper
+     never mentions it.
    - "Clipped" tokens are the ones where the clip bites, i.e. get zero gradient: ratio < 1-clip_low with
      A < 0 (clipfrac_low) and ratio > 1+clip_high with A > 0 (clipfrac_high). Tokens outside the band on
      the other side keep their (unclipped) gradient, as min() picks the unclipped term there.
@@ -29,6 +31,11 @@ Conventions (and where they depart from the paper, verl or TRL):
    - "token_mean" (verl default "token-mean", TRL "dapo"): sum over all tokens / valid tokens in mini-batch.
    - "const" (Dr. GRPO, TRL "dr_grpo"): sum / (number of sequences * max_len).
    The paper does not say which mode its runs used; the default here follows its equations.
+8. Sampler/trainer mismatch: when old_logp is recomputed by the trainer (verl's compute_log_prob) the sampler's
+   own log-probs differ by numerics (bf16 sampling, other kernels). sampler_mismatch measures it (mean/max
+   |diff|, k3 KL(sampler || trainer) on the sampler's tokens). Truncated importance sampling (TIS, tis_cap=C,
+   as verl/TRL's vLLM IS correction) weights each token's policy loss by min(pi_old / pi_sampler, C),
+   detached: the tokens were drawn from the sampler, not from pi_old. The KL term is not weighted (as TRL).
 5. KL to a reference (optional): k3 estimator exp(ref - logp) - (ref - logp) - 1 per token, times kl_coef,
    added to the per-token loss. Default kl_coef=0 (verl use_kl_loss=false, TRL beta=0; the paper omits it,
    footnote 2). verl calls k3 "low_var_kl" and also clamps it to [-10, 10]; we only clamp the log-ratio.
@@ -63,15 +70,20 @@ def informative_groups(rewards, k):
     r = _groups(rewards, k) # (N//k, k)
     return r.amax(dim=1) != r.amin(dim=1) # (N//k,)
 
-def group_advantages(rewards, k, scale="std", unbiased=False, eps=1e-6):
-    """(N,) rewards, group-contiguous -> (N,) advantages, Eq. 6 (see module docstring, item 1)."""
+def group_advantages(rewards, k, scale="std", unbiased=False, eps=1e-6, batch_std=None):
+    """(N,) rewards, group-contiguous -> (N,) advantages, Eq. 6 (see module docstring, item 1).
+    scale="batch" (TRL scale_rewards="batch", ROLL's LitePPO): group mean, but the std of ALL the batch's rewards,
+    so at k=2 mixed pairs no longer all get +-1; batch_std, if given, is that std (e.g. over a batch split in calls)."""
     r = _groups(rewards, k) # (N//k, k)
     adv = r - r.mean(dim=1, keepdim=True) # (N//k, k)
     if scale == "std":
         if k > 1: # k=1: every group is uninformative anyway, and Bessel std would be nan
             adv = adv / (r.std(dim=1, correction=int(unbiased), keepdim=True) + eps) # Eq. 6
+    elif scale == "batch":
+        std = r.std(correction=int(unbiased)) if batch_std is None else batch_std # nan for 1 reward: zeroed below
+        adv = adv / (std + eps)
     elif scale != "none":
-        raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
+        raise ValueError(f"scale must be 'std', 'batch' or 'none', got {scale!r}")
     # all-equal groups: exactly 0, not rounding noise from the mean divided by eps
     keep = informative_groups(rewards, k).unsqueeze(1) # (N//k, 1)
     adv = torch.where(keep, adv, torch.zeros_like(adv)) # (N//k, k)
@@ -113,11 +125,26 @@ def k3_kl(logp, ref_logp):
 def _masked_mean(x, mask, n):
     return (x * mask).sum() / n
 
+def _masked_max(x, mask):
+    return torch.where(mask > 0, x, torch.full_like(x, -math.inf)).max()
+
+def sampler_mismatch(logp_sampler, logp_trainer, mask):
+    """(B, T) log-probs of the same tokens from the sampler and from the trainer's forward -> 0-dim tensors
+    mismatch_mean / mismatch_max (|difference| over valid tokens) and mismatch_k3 (k3 KL(sampler || trainer) on
+    the sampler's tokens). All 0 when the two are the same numbers (fp32 sampling, the sampler as old_logp)."""
+    mask = mask.to(logp_sampler.dtype) # (B, T)
+    n = mask.sum().clamp(min=1.0)
+    d = (logp_sampler - logp_trainer).abs() # (B, T)
+    return {"mismatch_mean": _masked_mean(d, mask, n), "mismatch_max": _masked_max(d, mask).clamp(min=0.0),
+            "mismatch_k3": _masked_mean(k3_kl(logp_sampler, logp_trainer), mask, n)}
+
 def grpo_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, agg="seq_mean", norm=None,
-              max_len=None, ref_logp=None, kl_coef=0.0):
+              max_len=None, ref_logp=None, kl_coef=0.0, dual_clip=0.0, sampler_logp=None, tis_cap=0.0):
     """Clipped-surrogate GRPO loss (to minimise), Eq. 4-5 with clip-higher.
-    logp, old_logp, ref_logp, mask: (B, T), mask 1 on completion tokens; adv: (B,).
+    logp, old_logp, ref_logp, sampler_logp, mask: (B, T), mask 1 on completion tokens; adv: (B,).
     norm: loss_norm() of the whole mini-batch; None computes it from this batch.
+    dual_clip: c > 1 caps the loss of A<0 tokens at -A*c (verl's clip_ratio_c); 0 = off (item 3).
+    tis_cap: C > 0 weights the policy loss by min(exp(old_logp - sampler_logp), C), detached (TIS, item 8).
     Returns (loss scalar, metrics dict of 0-dim detached tensors; token metrics are local to this batch)."""
     mask = mask.to(logp.dtype) # (B, T)
     A = adv.to(logp.dtype).unsqueeze(1) # (B, 1), one advantage for all tokens of a sequence (Eq. 6)
@@ -126,6 +153,12 @@ def grpo_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, agg="seq_
     surr = A * ratio # (B, T)
     surr_clip = A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high) # (B, T), C_eps with eps_low != eps_high
     per_tok = -torch.min(surr, surr_clip) # (B, T), Eq. 4, negated to a loss
+    if dual_clip > 0:
+        dual = (A < 0) & (per_tok > -A * dual_clip) # (B, T), verl's pg_clipfrac_lower
+        per_tok = torch.where(dual, -A * dual_clip, per_tok) # (B, T), constant there: zero gradient
+    if tis_cap > 0:
+        tis = (old_logp - sampler_logp).clamp(max=20.0).exp().clamp(max=tis_cap).detach() # (B, T), min(pi_old/pi_s, C)
+        per_tok = per_tok * tis
     if ref_logp is not None and kl_coef != 0.0:
         per_tok = per_tok + kl_coef * k3_kl(logp, ref_logp) # (B, T)
 
@@ -153,8 +186,13 @@ def grpo_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, agg="seq_
             "approx_kl": _masked_mean(logratio.exp() - 1.0 - logratio, mask, n),
             "ratio_mean": _masked_mean(ratio, mask, n),
             "ratio_min": torch.where(valid, ratio, torch.full_like(ratio, math.inf)).min(),
-            "ratio_max": torch.where(valid, ratio, torch.full_like(ratio, -math.inf)).max(),
+            "ratio_max": _masked_max(ratio, mask),
         }
+        if dual_clip > 0:
+            m["clipfrac_dual"] = _masked_mean(dual.to(mask.dtype), mask, n)
+        if tis_cap > 0:
+            m["tis_mean"] = _masked_mean(tis, mask, n)
+            m["tis_capped"] = _masked_mean((tis >= tis_cap).to(mask.dtype), mask, n)
         if ref_logp is not None:
             m["kl_ref"] = _masked_mean(k3_kl(logp, ref_logp), mask, n)
     return loss, {key: v.detach() for key, v in m.items()}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from loss import dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, seq_logp, token_logp
+from loss import (dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, sampler_mismatch, seq_logp,
+                  token_logp)
 
 torch.set_num_threads(1)
 AGGS = ["seq_mean", "token_mean", "const"]
@@ -313,3 +314,87 @@ def test_seq_and_token_logp():
     assert torch.allclose(lp, torch.tensor([[math.log(0.75), math.log(0.5)]]))
     assert torch.allclose(seq_logp(lp, torch.tensor([[1, 0]])), torch.tensor([math.log(0.75)]))
     assert torch.allclose(seq_logp(lp, torch.tensor([[True, True]])), torch.tensor([math.log(0.375)]))
+
+
+# -----------------------------------------------------------------------------
+# batch std, dual-clip, sampler mismatch and TIS
+
+def test_batch_std_advantages():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0]) # one mixed pair, one uniform; batch std 0.433 (population) / 0.5 (Bessel)
+    pop = math.sqrt(0.1875)
+    assert torch.allclose(group_advantages(r, 2, scale="batch", eps=0.0), torch.tensor([0.5, -0.5, 0, 0]) / pop)
+    assert group_advantages(r, 2, scale="batch", unbiased=True, eps=0.0).tolist() == [1.0, -1.0, 0.0, 0.0]
+    # TRL's formula: (r - group mean) / (std of all rewards + eps), Bessel std
+    trl = (r - r.view(-1, 2).mean(1).repeat_interleave(2)) / (r.std() + 1e-4)
+    assert torch.allclose(group_advantages(r, 2, scale="batch", unbiased=True, eps=1e-4)[:2], trl[:2])
+    # the std of a batch handed over in parts; a group-level std would give +-1 to both pairs
+    two = group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]), 2, scale="batch", eps=0.0, batch_std=0.25)
+    assert two.tolist() == [2.0, -2.0, 2.0, -2.0]
+    with pytest.raises(ValueError, match="'batch'"):
+        group_advantages(r, 2, scale="group")
+
+
+def test_dual_clip_hand_values():
+    ratios = torch.tensor([0.5, 2.0, 4.0, 10.0])
+    logp = torch.full((2, 4), -1.0, requires_grad=True) # row 0: A=+1, row 1: A=-1
+    old_logp = logp.detach() - ratios.log()
+    adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 4)
+    loss0, m0 = grpo_loss(logp, old_logp, adv, mask)
+    loss, m = grpo_loss(logp, old_logp, adv, mask, dual_clip=3.0)
+    (gr,) = grads(loss, [logp])
+    # A<0 tokens at ratio 4 and 10 have loss max(r, clip(r)) = r > 3: capped at 3, zero gradient; ratio 2 untouched
+    per_tok = torch.tensor([[-0.5, -1.28, -1.28, -1.28], [0.8, 2.0, 3.0, 3.0]])
+    assert torch.isclose(loss, per_tok.mean(1).mean())
+    assert (gr[1, 2:] == 0).all() and torch.isclose(gr[1, 1], torch.tensor(2.0 / 8))
+    assert torch.equal(gr[0], grads(loss0, [logp])[0][0]) # A>0 unaffected
+    assert math.isclose(m["clipfrac_dual"].item(), 2 / 8) and "clipfrac_dual" not in m0
+
+
+def test_sampler_mismatch_hand_values():
+    s = torch.tensor([[-1.0, -2.0, 0.0]])
+    t = torch.tensor([[-1.5, -2.0, 5.0]]) # last column is padding
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    m = sampler_mismatch(s, t, mask)
+    assert math.isclose(m["mismatch_mean"].item(), 0.25) and math.isclose(m["mismatch_max"].item(), 0.5)
+    assert math.isclose(m["mismatch_k3"].item(), (math.exp(-0.5) + 0.5 - 1) / 2, rel_tol=1e-6)
+    assert all(v.item() == 0 for v in sampler_mismatch(s, s.clone(), mask).values())
+
+
+def test_tis_weight_hand_gradient():
+    logp = torch.tensor([[-1.0, -2.0, -3.0, -1.0]], requires_grad=True)
+    old_logp = logp.detach() # on-policy: ratio 1
+    mask, adv = torch.tensor([[1.0, 1.0, 1.0, 0.0]]), torch.tensor([1.0])
+    # sampler == trainer: weight exactly 1, same loss and gradient as without TIS
+    base, _ = grpo_loss(logp, old_logp, adv, mask)
+    same, m = grpo_loss(logp, old_logp, adv, mask, sampler_logp=old_logp.clone(), tis_cap=3.0)
+    assert torch.equal(base, same) and m["tis_mean"].item() == 1.0 and m["tis_capped"].item() == 0.0
+    assert torch.equal(grads(base, [logp])[0], grads(same, [logp])[0])
+    # sampler gave half / twice / a tenth of the trainer's probability: weights 2, 0.5, min(10, 3) = 3
+    sampler = old_logp + torch.tensor([[-math.log(2), math.log(2), -math.log(10), 7.0]])
+    loss, m = grpo_loss(logp, old_logp, adv, mask, sampler_logp=sampler, tis_cap=3.0)
+    (gr,) = grads(loss, [logp])
+    assert torch.allclose(gr, torch.tensor([[-2 / 3, -0.5 / 3, -3 / 3, 0.0]])) # -A * w / |o|
+    assert math.isclose(m["tis_mean"].item(), 5.5 / 3, rel_tol=1e-6)
+    assert math.isclose(m["tis_capped"].item(), 1 / 3, rel_tol=1e-6)
+
+
+def test_tis_corrects_a_perturbed_sampler():
+    """Tokens drawn from a sampler q != pi: with TIS weights the batch gradient is the exact on-policy expected
+    gradient sum_x pi(x) A(x) grad log pi(x); without them it is q's. Rows replicate q = (1/2, 1/4, 1/4) exactly."""
+    logits = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    A = torch.tensor([1.0, -1.0, 0.5]) # a fixed advantage per token value
+    q = torch.tensor([0.5, 0.25, 0.25])
+    rows = torch.tensor([0, 0, 1, 2]) # (B,), one sampled token per row, frequencies = q
+    logp = lambda: logits.log_softmax(-1)[rows][:, None] # (B, 1), a fresh graph per loss
+    old = logp().detach()
+    sampler = q.log()[rows][:, None]
+    mask = torch.ones(4, 1)
+    pi = logits.detach().softmax(-1)
+    assert (pi / q).max() < 3.0 # no capping in this case
+    expected = grads(-(pi * A * logits.log_softmax(-1)).sum(), [logits])[0] # on-policy, by enumeration
+    with_tis, _ = grpo_loss(logp(), old, A[rows], mask, sampler_logp=sampler, tis_cap=3.0)
+    without, _ = grpo_loss(logp(), old, A[rows], mask)
+    g_tis = grads(with_tis, [logits])[0]
+    g_raw = grads(without, [logits])[0]
+    assert torch.allclose(g_tis, expected, atol=1e-6)
+    assert not torch.allclose(g_raw, expected, atol=1e-3)
