@@ -80,6 +80,9 @@ class Config:
     compile: bool = False                 # torch.compile the training forward (and the decode step on CUDA)
     grad_ckpt: bool = False               # activation checkpointing per block
     threads: int = 0                      # torch CPU threads; 0 = torch's default
+    dry_run: bool = False                 # print the memory and step-time plan (plan.py) without loading weights, exit
+    gpu: str = ""                         # --dry_run only: the GPU kind to plan for (plan.GPUS; "" = h100)
+    gpus: int = 0                         # --dry_run only: how many GPUs to plan for (0 = 1)
 
 
 def die(msg):
@@ -109,8 +112,14 @@ try:
     if cfg.train_n < 0 or (cfg.train_n and cfg.algo == "dpo_offline"):
         raise ValueError(f"--train_n={cfg.train_n}: a number of training problems >= 0 (0 = all); dpo_offline reads "
                          "every preference pair, drop --train_n there")
+    if (cfg.gpu or cfg.gpus) and not cfg.dry_run:
+        raise ValueError("--gpu/--gpus describe the GPUs --dry_run plans for; to train on N GPUs run "
+                         "torchrun --nproc_per_node=N train.py")
 except (ValueError, FileNotFoundError) as e:
     die(e)
+if cfg.dry_run:  # memory and step-time plan on cfg.gpus x cfg.gpu, no weights loaded; exits (2 if it cannot fit)
+    import plan
+    plan.main(cfg)
 ddp = "RANK" in os.environ
 rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
 device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,111 @@
+"""plan.py (train.py --dry_run) and bench.py on CPU: the plan's arithmetic by hand on a small config, its memory lines
+against real tensors (KV cache, parameters, what autograd saves), the refusals, and bench.py's CPU-only checks.
+Run: python -m pytest -q tests/test_bench.py"""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import plan
+from model import KVCache, ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a llama of 2 blocks: dim 64, 4 heads / 2 kv heads of 16, SwiGLU 128, vocab 1000, tied
+TINY = dict(model_type="llama", vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    return str(tmp_path)
+
+
+def cfg(model, **kw):
+    base = dict(model=model, gpu="l4", gpus=2, prompts_per_step=8, prompts_per_update=4, k=4, max_new_tokens=64,
+                token_budget=1000, dtype="float32", grad_ckpt=False, compile=False, kl_coef=0.0, algo="grpo",
+                num_steps=10)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_plan_by_hand(tiny):
+    p = plan.plan(cfg(tiny))
+    # params: embedding 64000 (tied head) + 2 x (norms 128 + q 4096 + k 2048 + v 2048 + o 4096 + mlp 24576) + 64
+    assert p["N"] == 138048
+    # 8 prompts / 2 GPUs x k=4 = 16 rows of 256 + 64 = 320 columns; K and V fp32: 2 x 2 blocks x 32 x 4 = 512 B a token;
+    # eager decode's row drop copies the cache once (x 1.75)
+    assert (p["rows"], p["S"]) == (16, 320)
+    assert p["roll"]["kv"] == 16 * 320 * 512 * 1.75 == 4587520
+    assert p["roll"]["sampler"] == 4 * 16 * 1000 * 4
+    # fp32 block: 4 x (4 x 64 + 4 heads + 2) + 8 x 64 + 4 x (2 x 64 + 2 x 32 + 4 x 128) = 4376 B a token, 2 blocks,
+    # 1000 tokens (token_budget > one row's 320)
+    assert p["upd"]["acts"] == 1000 * 2 * 4376 == 8752000
+    assert p["upd"]["logits"] == 1000 * 1000 * 4
+    assert p["upd"]["weights"] == p["upd"]["grads"] == 552192 and p["upd"]["adamw"] == 1104384
+    assert p["peak"] == 552192 * 2 + 1104384 + 8752000 + 4000000 == 14960768
+    # L4 (fp32 as TF32: 60.5 TFLOP/s, 300 GB/s): a decode step reads 552192 B of weights + 16 rows x 288 (mean
+    # context) x 512 B = 2911488 B in 9.705 us (FLOPs 6.8M, 0.11 us: bandwidth-bound), at 50% -> 19.41 us, + 2 blocks
+    # x 200 us of launches; 64 steps
+    assert p["decode"] == pytest.approx(64 * (19.4099e-6 + 400e-6), rel=1e-4)
+    # update: 4 prompts x (256 + 4 x 16) = 1280 tokens x (6 x 138048 + 6 x 2 x 64 x 272) FLOPs / (40% of 60.5e12)
+    assert p["update"] == pytest.approx(1280 * 1037184 / 24.2e12, rel=1e-6)
+    # 2 updates x ring all-reduce of 552192 B (2 x 1/2 of it over 32 GB/s)
+    assert p["comm"] == pytest.approx(2 * 552192 / 32e9, rel=1e-6)
+
+    q = plan.plan(cfg(tiny, dtype="bfloat16", grad_ckpt=True, compile=True))
+    # bf16 block: 4 x 262 + 10 x 64 + 2 x 704 = 3096 B a token; checkpointing keeps 2 block inputs (256 B each) + 1 block
+    assert q["upd"]["acts"] == 1000 * (2 * 256 + 3096)
+    assert q["upd"]["casts"] == 2 * 138048 and q["roll"]["kv"] == 16 * 320 * 512  # compiled: no cache copy
+
+
+def test_plan_lines_match_real_tensors(tiny):
+    """The formulas against what torch really allocates: parameters, the sampler's KVCache, autograd's saved tensors."""
+    p = plan.plan(cfg(tiny, compile=True))
+    m = plan.model_config(tiny)
+    assert Transformer(m).num_params() == p["N"]
+    cache = KVCache(m, p["rows"], p["S"], "cpu", torch.float32)
+    assert cache.k.nbytes + cache.v.nbytes == p["roll"]["kv"]
+    for dtype in ("float32", "bfloat16"):
+        per_block = []
+        for n_layers in (1, 2):  # the difference is one block, without the final norm and the shared RoPE tables
+            torch.manual_seed(0)
+            model = Transformer(replace(m, n_layers=n_layers))
+            saved, params = {}, {q.untyped_storage().data_ptr() for q in model.parameters()}
+
+            def pack(t):  # (out, in) weight copies are autocast's casts (the plan's "casts" line), not activations
+                if not (t.dim() == 2 and t.size(0) != 120):
+                    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"), \
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(torch.randint(0, 1000, (3, 40)), hidden=True)  # 120 tokens
+            per_block.append(sum(v for k, v in saved.items() if k not in params))
+        q = plan.plan(cfg(tiny, dtype=dtype))
+        assert (per_block[1] - per_block[0]) / 120 == q["upd"]["acts"] / q["micro"] / 2, dtype
+
+
+def test_dry_run_fits_refuses_and_errors(tiny):
+    run = lambda *a: subprocess.run([sys.executable, "train.py", "--dry_run", f"--model={tiny}", *a], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=120)
+    ok = run("--gpu=l4", "--gpus=2")
+    assert ok.returncode == 0 and "fits" in ok.stdout and "step time, estimated" in ok.stdout, ok.stderr
+    big = run("--gpu=l4", "--prompts_per_step=65536", "--prompts_per_update=65536", "--k=16", "--max_new_tokens=4096")
+    err = big.stderr.strip().splitlines()
+    assert big.returncode == 2 and len(err) == 1 and "sampler KV cache" in err[0] and "GiB" in err[0], big.stderr
+    bad = run("--gpu=tpu")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --gpu=tpu: unknown GPU kind; expected one of h100, h200, a100-80g, a100-40g, l4"]
+    nodry = subprocess.run([sys.executable, "train.py", "--gpus=8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert nodry.returncode == 2 and "torchrun" in nodry.stderr and len(nodry.stderr.strip().splitlines()) == 1
+
+
+def test_model_config_sources(tiny):
+    assert plan.model_config("Qwen/Qwen2.5-Math-1.5B").n_kv_heads == 2  # the built-in table (unless in the HF cache)
+    assert plan.model_config(tiny).dim == 64  # a local config.json
+    with pytest.raises(ValueError, match="no config.json"):
+        plan.model_config("nobody/no-such-model-xyz")
