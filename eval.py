@@ -94,6 +94,20 @@ def evaluate(model, tok, problems, n=1, temperature=0.0, top_p=1.0, top_k=0, max
     return metrics
 
 
+def load_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True): tensors, numbers, strings, lists, tuples and dicts only, which is all a training
+    checkpoint holds, so a file from someone else cannot run code while loading. Raises ValueError with one line."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        lines = [line for line in str(e).splitlines() if line.strip()] or [""]
+        if "Weights only load failed" in lines[0]:  # torch's message: the offending line names the python object
+            why = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1]).strip()
+            raise ValueError(f"{path}: refused to load, it holds python objects that could run code ({why[:200]}); "
+                             "a checkpoint may hold only tensors, numbers, strings, lists and dicts") from None
+        raise ValueError(f"{path}: corrupt or not a checkpoint ({type(e).__name__}: {lines[0][:200]})") from None
+
+
 def load_model(name_or_path, device="cpu", dtype=torch.float32):
     """(model, tok) from a from_pretrained name/path, or from a training checkpoint: a .pt file (or a directory
     holding ckpt.pt) with {"model": state_dict, "config": {"model": base model name/path, ...}}.
@@ -105,12 +119,11 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32):
         return from_pretrained(path, device, dtype)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:  # weights_only=False: our checkpoints also hold config and RNG state; only load files you trust
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path)
+    try:
         sd, base = ckpt["model"], ckpt["config"]["model"]
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {why})") from None
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable training checkpoint (no {e} entry)") from None
     model, tok = from_pretrained(base, device, dtype)
     try:  # a compiled model's state_dict carries an _orig_mod. prefix
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in sd.items()})

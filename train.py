@@ -94,7 +94,7 @@ def die(msg):
 # config, distributed setup, device
 from config import parse_config  # noqa: E402
 from data import load_preferences, load_problems  # noqa: E402
-from eval import evaluate  # noqa: E402
+from eval import evaluate, load_checkpoint  # noqa: E402
 from loss import dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, seq_logp  # noqa: E402
 from model import chat_ids, from_pretrained, stop_token_ids  # noqa: E402
 from reward import math_reward  # noqa: E402
@@ -193,16 +193,16 @@ state = dict(step=0, data_pos=0, rollouts=0, wall=0.0, eval0=None, eval_last=Non
 
 if cfg.resume and os.path.exists(ckpt_path):
     try:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, device)  # weights_only: a checkpoint cannot run code
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
-    except Exception as e:
-        die(f"cannot resume from {ckpt_path}: corrupt or incompatible checkpoint ({type(e).__name__}: {e}); "
-            "delete it to start over, or restore a backup")
+    except Exception as e:  # one line: load_checkpoint's own message, or the first line of torch's
+        why = (str(e).strip().splitlines() or [""])[0]
+        die(f"cannot resume from {ckpt_path} ({type(e).__name__}: {why}); delete it to start over, or restore a backup")
     print0(f"resumed from {ckpt_path} at step {state['step']}")
 
 
