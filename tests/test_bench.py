@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import bench
 import plan
-from model import KVCache, ModelConfig, Transformer
+from model import KVCache, ModelConfig, Transformer, chat_ids, from_pretrained, stop_token_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a llama of 2 blocks: dim 64, 4 heads / 2 kv heads of 16, SwiGLU 128, vocab 1000, tied
@@ -109,3 +110,21 @@ def test_model_config_sources(tiny):
     assert plan.model_config(tiny).dim == 64  # a local config.json
     with pytest.raises(ValueError, match="no config.json"):
         plan.model_config("nobody/no-such-model-xyz")
+
+
+def test_mismatch_row(tiny_dir):
+    """bench's mismatch row: 0 when the sampler runs in fp32 (same numbers as the trainer), > 0 with bf16 weights."""
+    model, tok = from_pretrained(tiny_dir("qwen2"))
+    prompts, stops = [chat_ids(tok, t) for t in ("1+1", "2+3")], stop_token_ids(tok, model.cfg)
+    zero = bench.mismatch(model, prompts, 6, stops, dtype=torch.float32)
+    assert max(zero.values()) < 1e-5, zero
+    m = bench.mismatch(model, prompts, 6, stops)
+    assert m["mismatch_max"] >= m["mismatch_mean"] > 1e-4 and m["mismatch_k3"] > 0, m
+    assert next(model.parameters()).dtype == torch.float32  # the trainer's weights are left as they were
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_bench_gpu_refused_on_cpu():
+    p = subprocess.run([sys.executable, "bench.py", "--gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: --gpu is the GPU bring-up and needs a CUDA device; torch.cuda.is_available() is False here"]
