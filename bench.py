@@ -312,7 +312,7 @@ def main(argv):
     print(f"  {'dtype':6s} {'ours tok/s':>11s} {'HF tok/s':>9s}")
     for name, (o, h) in samp.items():
         print(f"  {name:6s} {o:11.0f} {h:9.0f}")
-    mis_txt = (f"mean |d logp| {mis['mismatch_mean']:.2e}, max {mis['mismatch_max']:.2e}, k3 KL "
+    mis_txt = (f"mean abs d logp {mis['mismatch_mean']:.2e}, max {mis['mismatch_max']:.2e}, k3 KL "
                f"{mis['mismatch_k3']:.2e}")
     print(f"mismatch, sampler with bf16 weights vs the trainer's fp32 forward, same rollouts ({len(mis_p)} prompts x 2 "
           f"x {mis_new} tokens{'' if fast_bf16 else ': a small batch, bf16 is slow here'}): {mis_txt}")

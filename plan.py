@@ -82,7 +82,8 @@ def plan(cfg):
     # (bf16: 5 casts, q/k/v/gate/up; fp32: the 2 norm outputs); q, k, v, SDPA's output (2 Dq + 2 Dkv) and SwiGLU's
     # gate, silu, up and product (4 I) in the compute dtype. Qwen3's q/k norms add a little, not counted
     act_tok = 4 * (4 * D + m.n_heads + 2) + (2 * 5 * D if bf16 else 4 * 2 * D) + a * (2 * Dq + 2 * Dkv + 4 * I)
-    micro = max(cfg.token_budget, S)  # tokens of one micro-batch: the budget, or one row if a row is longer
+    # tokens of one micro-batch: the budget (or one row, if longer), at most one mini-batch's rows
+    micro = min(max(cfg.token_budget, S), max(1, cfg.prompts_per_update // world) * cfg.k * S)
     acts = micro * (L * 4 * D + act_tok) if cfg.grad_ckpt else micro * L * act_tok  # ckpt: block inputs + one block
     ref = cfg.kl_coef > 0 or cfg.algo != "grpo"  # a frozen fp32 reference model
     both = dict(weights=4 * N / shard, adamw=8 * N / shard, ref=4 * N if ref else 0,
@@ -142,9 +143,11 @@ def report(p, cfg):
     out.append(f"  {'total':58s} {sum(p['roll'].values()) / GiB:8.2f} {sum(p['upd'].values()) / GiB:8.2f}")
     out.append(f"peak {p['peak'] / GiB:.2f} GiB of {USABLE * p['mem']:.1f} usable ({USABLE:.0%} of {p['mem']}): "
                f"{'fits' if p['fits'] else 'DOES NOT FIT'}")
+    run = p["step"] * cfg.num_steps
+    run = f"{run / 3600:.1f} h" if run > 7200 else f"{run / 60:.1f} min"
     out.append(f"step time, estimated: {p['step']:.1f} s = generation {p['gen']:.1f} (decode {p['decode']:.1f}, "
                f"prefill {p['prefill']:.1f}) + update {p['update']:.1f} + gradient all-reduce {p['comm']:.1f}; "
-               f"{cfg.num_steps} steps: {p['step'] * cfg.num_steps / 60:.1f} min")
+               f"{cfg.num_steps} steps: {run}")
     out.append(f"assumptions: prompts of {PROMPT_TOKENS} tokens, completions of {MEAN_NEW:.0%} of max_new_tokens on "
                f"average in the update, every group trained (no zero-variance drop), decode runs max_new_tokens steps "
                f"at {DECODE_EFF:.0%} of the roofline, update and prefill at {MFU:.0%} MFU, rewards and eval not "
