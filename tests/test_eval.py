@@ -1,5 +1,6 @@
 """eval.py: the unbiased pass@k estimator against brute force, the metrics on scripted completions, a real run on
 a tiny random model, checkpoint loading, and the script's exit codes. Run: python -m pytest -q tests/test_eval.py"""
+import io
 import itertools
 import json
 import math
@@ -65,6 +66,14 @@ def test_majority_vote_ties_go_to_first_seen():
     assert ev.majority_vote(["6", "4"], [1.0, 0.0]) == 1.0
     assert ev.majority_vote([None, None], [0.0, 0.0]) == 0.0
 
+
+def test_majority_vote_by_equivalence():
+    # three ways to write one half are one cluster of 3 votes; a string vote would give 1-1-1-1 and "3" would win
+    assert ev.majority_vote(["3", "0.5", "1/2", "\\frac{1}{2}"], [0.0, 1.0, 1.0, 1.0]) == 1.0
+    assert ev.majority_vote(["3", "3.0", "0.5", "1/2", "\\dfrac12"], [1.0, 1.0, 0.0, 0.0, 0.0]) == 0.0
+    assert ev.majority_vote(["x+1", "1+x", "2"], [0.0, 0.0, 1.0]) == 0.0  # symbolic equivalence (math_verify)
+    assert ev.majority_vote([None, "2", None, "1/2", "0.5"], [0.0, 1.0, 0.0, 0.0, 0.0]) == 0.0
+
 # -----------------------------------------------------------------------------
 # evaluate() on scripted completions
 
@@ -115,6 +124,40 @@ def test_evaluate_metrics_on_scripted_completions(tiny, monkeypatch, batch_size)
     assert all(c["k"] == 4 for c in calls)
     seeds = [s for c in calls for s in c["seed"]]
     assert seeds == [hash((3, i, j)) & 0x7FFFFFFF for i in range(3) for j in range(4)]
+
+
+def test_evaluate_votes_by_equivalence_and_splits_by_source(tiny, monkeypatch):
+    model, tok = tiny
+    script = [[("\\boxed{3}", "eos"), ("\\boxed{0.5}", "eos"), ("\\boxed{\\frac12}", "eos"), ("\\boxed{1/2}", "eos")],
+              [("\\boxed{7}", "eos"), ("\\boxed{7}", "eos"), ("\\boxed{1}", "eos"), ("\\boxed{7}", "length")]]
+    problems = [{"prompt": "p0", "answer": "1/2", "source": "a"}, {"prompt": "p1", "answer": "7", "source": "b"}]
+    monkeypatch.setattr(ev, "generate", fake_generate(tok, script, []))
+    m = ev.evaluate(model, tok, problems, n=4, by_source=True)
+    assert m["maj@4"] == 1.0 and m["acc"] == pytest.approx(5 / 8)
+    assert list(m["by_source"]) == ["a", "b"]
+    assert m["by_source"]["a"]["acc"] == 0.75 and m["by_source"]["b"]["acc"] == 0.5
+    assert m["by_source"]["b"]["trunc"] == 0.25 and m["by_source"]["a"]["n_problems"] == 1
+    assert {k: v for k, v in m.items() if k != "by_source"} == ev.summarize(
+        [(3, 1.0, 0, m["by_source"]["a"]["len"] * 4), (2, 1.0, 1, m["by_source"]["b"]["len"] * 4)], 4, [1, 2, 4])
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_on_a_terminal_only(tiny, monkeypatch, capsys, terminal):
+    model, tok = tiny
+    monkeypatch.setattr(ev, "generate", fake_generate(tok, SCRIPT, []))
+    err = FakeTerminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    ev.evaluate(model, tok, PROBLEMS, n=4, batch_size=4, verbose=True)
+    out = capsys.readouterr().out
+    if terminal:  # tqdm draws "3/3 [... problem/s]" on stderr, no log lines
+        assert "3/3" in err.getvalue() and "problem" in err.getvalue() and "eval " not in out
+    else:
+        assert err.getvalue() == "" and "eval 3/3 problems" in out
 
 
 def test_evaluate_default_ks_and_ties(tiny, monkeypatch):
@@ -171,6 +214,8 @@ def test_parse_args(tmp_path):
     assert (cfg.n_samples, cfg.temperature, cfg.top_p, cfg.top_k) == (32, 1.0, 0.8, 5)  # explicit keys beat the preset
     assert isinstance(cfg.temperature, float) and cfg.fallbacks == "boxed,last_number"
     assert ev.parse_args(["--data=x.jsonl"]).fallbacks == "boxed"
+    assert ev.parse_args(["--data=synthetic:1,synthetic:3"]).fallbacks == "boxed,last_number"
+    assert ev.parse_args(["--data=synthetic:1,gsm8k"]).fallbacks == "boxed"
     (tmp_path / "c.py").write_text("n_samples = 4\npreset = 'paper'\n")
     assert (ev.parse_args([str(tmp_path / "c.py")]).n_samples, ev.parse_args([str(tmp_path / "c.py")]).top_k) == (4, 20)
     for bad, word in [("--temprature=1", "temperature"), ("--n_samples=two", "int"), ("--n_samples=True", "int"),
@@ -188,7 +233,19 @@ def test_script_end_to_end(tiny_dir, tmp_path):
     res = json.loads(out.read_text())
     assert res["metrics"]["n_problems"] == 4 and "pass@1" in res["metrics"] and "maj@1" in res["metrics"]
     assert res["config"]["max_new_tokens"] == 8 and res["config"]["fallbacks"] == "boxed,last_number"
-    assert "acc (mean@1)" in r.stdout
+    assert "mean@1" in r.stdout and "synthetic:1" in r.stdout
+
+
+def test_script_named_sources_table(tiny_dir, tmp_path):
+    out = tmp_path / "e.json"
+    r = run_script(f"--model={tiny_dir('llama')}", "--data=math500,gsm8k", "--n_problems=2", "--max_new_tokens=4",
+                   f"--out={out}")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert list(res["metrics"]["by_source"]) == ["math500", "gsm8k"] and res["metrics"]["n_problems"] == 4
+    assert all(m["n_problems"] == 2 for m in res["metrics"]["by_source"].values())
+    table = r.stdout[r.stdout.index("\nsource ") + 1:].splitlines()
+    assert [line.split()[0] for line in table[:4]] == ["source", "math500", "gsm8k", "all"]
 
 
 def test_script_errors_are_one_line(tmp_path):
@@ -199,3 +256,5 @@ def test_script_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "ckpt.pt" in r.stderr
     assert not (tmp_path / "e.json").exists()
+    r = run_script("--data=math500", "--split=train", "--model=no-such-model")  # the data is checked first
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "math500 has no 'train' split" in r.stderr
