@@ -2,6 +2,8 @@
 # Needs the weights and data locally or a reachable hub: Qwen/Qwen2.5-Math-1.5B, DigitalLearningGmbH/MATH-lighteval.
 # Paper: 2.05 h on 4 GPUs for 10 epochs (24% of 16-GRPO), MATH-500 Mean@32 69.28.
 # The 16-GRPO baseline is configs/qwen_math_grpo16.py.
+# Plan (python train.py configs/qwen_math_grpo2.py --dry_run --gpu=h200 --gpus=4): 66 GiB peak per GPU,
+# ~137 s a step, ~5.5 h for 146 steps. Estimate only: never run on a GPU.
 model = "Qwen/Qwen2.5-Math-1.5B"
 data = "hf:DigitalLearningGmbH/MATH-lighteval"
 eval_data = "hf:HuggingFaceH4/MATH-500"
