@@ -31,6 +31,7 @@ MAX_TAIL_CHARS = 4096    # only the end of a completion is searched for the answ
 MAX_ANSWER_CHARS = 300   # longer extracted answers score 0 (no ground truth is this long)
 MAX_DEPTH = 10           # brace/paren nesting allowed in an answer
 TIMEOUT_S = 1.0          # wall-clock limit for one math_verify comparison (oat uses 1 s too)
+ALARM_FRACTION = 0.8     # the worker stops a comparison itself at this share of the limit (no restart needed)
 STARTUP_TIMEOUT_S = 60.0 # worker start-up (imports sympy) is not counted in TIMEOUT_S
 FALLBACKS = ("boxed", "answer", "hash", "last_number")
 
@@ -97,42 +98,65 @@ def extract_answer(text, fallbacks=("boxed",)):
 # normalisation and cheap comparisons
 
 _UNITS = (r"dollars?|cents?|units?|cm|mm|km|meters?|inch(?:es)?|feet|foot|ft|miles?|mph|hours?|minutes?|"
-          r"seconds?|days?|weeks?|months?|years?|degrees?|points?|square|sq|cubic|percent")
-_TRAILING_UNITS = re.compile(rf"(?<=\d)\s*(?:(?:{_UNITS})\b(?:\^\{{?\d\}}?)?\s*)+$")
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)\s*\{([^{}]*)\}")
+          r"seconds?|days?|weeks?|months?|years?|degrees?|points?|square|sq|cubic|percent|pct")
+_TEXT = r"\\(?:text|textbf|textrm|textnormal|textit|mbox|mathrm|mathbf)\s*"
+_TEXT_CMD = re.compile(_TEXT + r"\{([^{}]*)\}")
+_TRAILING_TEXT = re.compile(  # "5\text{ cm}^2", "6.5 \mathrm{~m}", but not the constant in 2\mathrm{e}
+    r"(?<=[\d}])\s*(?:\\(?:text\w*|mbox)\s*\{[^{}]*\}|\\mathrm\s*\{(?:[\s~][^{}]*|[^{}]{2,})\})(?:\^\{?\d\}?)?\s*\.?$")
+_TRAILING_UNITS = re.compile(rf"(?<=[\d}}])\s+(?:(?:{_UNITS})\b\.?(?:\^\{{?\d\}}?)?\s*)+$")  # "\frac{9}{2} cm"
+_AND_OR = re.compile(r"\s*,?\s*(?:" + _TEXT + r"\{\s*,?\s*(?:and|or)\s*\}|(?<![\\\w])(?:and|or)(?!\w))\s*")
+_VARIABLE = r"\s*(?:(?:\\[a-zA-Z]+|[a-zA-Z])(?:_\{?\w+\}?)?|[a-zA-Z]\([a-z]\))\s*"  # x, a_3, \theta, f(x); not \cos(x)
+
+def _clean(s):
+    """Meaning-preserving clean-up of an answer (spaces kept): what both the string compare and math_verify see."""
+    s = re.sub(r",\s*\\!\s*", ",", s.strip().replace("\n", " ").replace("\u2212", "-"))  # 11,\! 111 is 11,111
+    for old, new in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\displaystyle", ""), ("{,}", ","),
+                     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""),
+                     ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\%", ""), ("%", ""),
+                     ("\\$", ""), ("$", ""), ("!=", "\\neq ")):
+        s = s.replace(old, new)
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, "\\ " a matrix row break
+    s = _TRAILING_TEXT.sub("", s)  # units and words after the answer: "5 \text{ cm}", "240\text{ ways.}"
+    s = _AND_OR.sub(", ", s)  # "6 \text{ and } 8", "2, 3, and 4" are lists
+    for _ in range(3):  # \text{\textbf{(B)}} -> (B); \mathrm{e} -> e, so math_verify reads all of 2\mathrm{e}
+        s = _TEXT_CMD.sub(r"\1", s)
+    s = _TRAILING_UNITS.sub("", s).strip().rstrip(".").strip()
+    s = re.sub(r"\\sqrt(\[\w+\])?(\w)", r"\\sqrt\1{\2}", s.strip())  # \sqrt2 -> \sqrt{2}, \sqrt[3]2 -> \sqrt[3]{2}
+    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
+    s = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", s)
+    s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
+    if re.fullmatch(r"\([^(),]*[^(),A-Za-z\s][^(),]*\)", s):  # "(5)", "(\frac{1}{3})": one value in brackets
+        s = s[1:-1].strip()                                   # (a pair, "(B)" and "(x)" keep them)
+    return re.sub(r"^\+\s*(?=\d)", "", s)  # +5 -> 5
 
 def normalize_answer(s):
     """Hendrycks-MATH-style canonical string of an answer (used for exact string comparison)."""
-    s = s.strip().replace("\n", "").replace("\u2212", "-")
-    for old, new in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\displaystyle", ""),
-                     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
-                     ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\%", ""), ("%", ""),
-                     ("\\$", ""), ("$", "")):
-        s = s.replace(old, new)
-    if "\\text{ " in s[1:]:  # units: "5 \text{ cm}" -> "5"
-        s = s[:s.index("\\text{ ", 1)]
-    for _ in range(3):  # \text{\textbf{(B)}} -> (B)
-        s = _TEXT_CMD.sub(r"\1", s)
-    s = _TRAILING_UNITS.sub("", s).strip().rstrip(".").strip()
+    s = _clean(s)  # (math_verify reads "x = 5" and "\approx" itself: these two are for the string compare)
+    if "\\approx" in s:  # "\frac{\sqrt3}{3} \approx 0.577": the exact form; "x \approx 11": the value
+        left, right = s.split("\\approx", 1)
+        s = (right if re.fullmatch(_VARIABLE, left) else left).strip()
     parts = s.split("=")
-    if len(parts) == 2 and len(parts[0].strip()) <= 2:  # "x = 5" -> "5"
-        s = parts[1]
-    s = s.replace(" ", "")
-    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)           # \sqrt2 -> \sqrt{2}
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)   # \frac12 -> \frac{1}{2}
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):    # 1,000 -> 1000 (but not the set 1,2)
-        s = s.replace(",", "")
+    if len(parts) == 2 and re.fullmatch(_VARIABLE, parts[0]):  # "x = 5" -> "5", but "2x = 5" stays an equation
+        s = parts[1].strip()
+    m = re.fullmatch(r"\(([A-Ea-e])\)", s)  # multiple choice "(B)" -> "B"
+    if m:
+        return m.group(1).upper()
+    if re.fullmatch(r"-?\d{1,3}(?:(?:,\d{3})+|(?: \d{3})+)(?:\.\d+)?", s):  # 1,000 and 1 000 -> 1000 (not 1,2 or 32, 349)
+        s = s.replace(",", "").replace(" ", "")
+    s = re.sub(r"(?<!\d) | (?!\d)", "", re.sub(r"\s+", " ", s))  # spaces go, except inside "1 1/2"
     s = re.sub(r"^(-?\d+)\.0+$", r"\1", s)                # 12.00 -> 12
-    s = re.sub(r"^(-?)\.(\d)", r"\g<1>0.\2", s)           # .5 -> 0.5
-    m = re.fullmatch(r"\(([A-Ea-e])\)", s)                 # multiple choice "(B)" -> "B"
-    return m.group(1).upper() if m else s
+    return re.sub(r"^(-?)\.(\d)", r"\g<1>0.\2", s)        # .5 -> 0.5
 
 def _to_number(s):
-    """Exact value of a normalised plain number (int, decimal, a/b, \\frac{a}{b}) or None."""
+    """Exact value of a normalised plain number (int, decimal, a/b, \\frac{a}{b}, mixed 1 1/2 or 3\\frac{1}{8}) or None."""
     m = re.fullmatch(r"-?\d+(?:\.\d+)?", s)
     if m:
         return Fraction(s)
+    m = re.fullmatch(r"(-?)(\d+)(?: (\d+)/(\d+)|\\frac\{(\d+)\}\{(\d+)\})", s)  # mixed number: a proper fraction
+    if m:
+        a, b = (int(m[3]), int(m[4])) if m[3] else (int(m[5]), int(m[6]))
+        value = int(m[2]) + Fraction(a, b) if 0 < a < b else None
+        return -value if value is not None and m[1] else value
     m = (re.fullmatch(r"(-?)(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", s)
          or re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s))
     if m and Fraction(m.group(3)) != 0:
@@ -171,20 +195,74 @@ signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
 out = os.fdopen(os.dup(1), "wb", buffering=0)
 os.dup2(2, 1)  # stray prints must not corrupt the protocol
 logging.disable(logging.CRITICAL)  # math_verify warns that its own timeouts are off
+import re
 from math_verify import parse, verify
+def letters(s):  # the variables and constants of an answer, not the names of its commands
+    return set(re.findall(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", " ", s)))
+def parse_all(s):  # None when math_verify read only part of s ("1 - \\frac{1}{e}" as 1, "\\sin^2 t" as sin^2)
+    r = parse("$" + s + "$", parsing_timeout=None)
+    return r if len(r) == 2 and letters(s) <= letters(r[1]) else None
+import random
+from sympy import Eq, Expr, Float, I, Integral, Limit, Product, Sum
+def numeric_eq(a, b):
+    # simplify(a - b) can take seconds on a sum of products; values at 3 fixed random points decide in
+    # milliseconds (positive points: no branch cuts). Equations match when lhs - rhs are proportional.
+    # None (undecided, math_verify decides) for sets, matrices, inequalities, floats without variables.
+    ratio = isinstance(a, Eq) and isinstance(b, Eq)
+    if ratio:
+        a, b = a.lhs - a.rhs, b.lhs - b.rhs
+    if not (isinstance(a, Expr) and isinstance(b, Expr)) or a.has(Sum, Product, Integral, Limit) or b.has(Sum, Product, Integral, Limit):
+        return None  # (sums and integrals with symbolic bounds evaluate slowly)
+    unit = {s: I for s in a.free_symbols | b.free_symbols if str(s) == "i"}  # i is the imaginary unit
+    a, b = a.subs(unit), b.subs(unit)
+    syms = sorted(a.free_symbols | b.free_symbols, key=str)
+    if not syms and (ratio or a.atoms(Float) or b.atoms(Float)):
+        return None  # plain numbers: math_verify's rounding rules
+    rng, vals = random.Random(0), []
+    for _ in range(3):
+        point = {s: rng.uniform(0.5, 1.5) for s in syms}
+        va, vb = complex(a.evalf(30, subs=point)), complex(b.evalf(30, subs=point))
+        vals.append((va / vb, 1.0) if ratio and vb != 0 else (va, vb))
+    if ratio:
+        return all(v[1] == 1.0 for v in vals) and all(abs(v[0] - vals[0][0]) <= 1e-9 * abs(vals[0][0]) for v in vals) and vals[0][0] != 0
+    return all(abs(va - vb) <= 1e-9 * max(1.0, abs(va), abs(vb)) for va, vb in vals)
 def check(gold, pred):
-    g = parse("$" + gold + "$", parsing_timeout=None)
-    p = parse("$" + pred + "$", parsing_timeout=None)
-    return bool(g) and bool(p) and verify(g, p, timeout_seconds=None)
-check("x^2+2x+1", "(x+1)^2")  # load the LaTeX parser and sympy's simplify before reporting ready
+    g, p = parse_all(gold), parse_all(pred)
+    if g is None or p is None:
+        return False
+    try:
+        fast = numeric_eq(g[0], p[0])
+    except Exception:
+        fast = None
+    return fast if fast is not None else verify(g, p, timeout_seconds=None)
+for s in json.loads(sys.argv[1]):  # see PRIME
+    parse_all(s)
+check("x^2+2x+1", "(x+1)^2")  # load sympy's simplify too before reporting ready
 out.write(b"ready\n")
+def alarm(signum, frame):
+    raise TimeoutError
+signal.signal(signal.SIGALRM, alarm)  # (this is the worker's main thread, where signals work)
 for line in sys.stdin.buffer:
     try:
-        ok = check(*json.loads(line))
-    except Exception:
+        gold, pred, limit = json.loads(line)
+        signal.setitimer(signal.ITIMER_REAL, limit)
+        ok = check(gold, pred)
+    except BaseException:  # a TimeoutError, or anything sympy raises
         ok = False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     out.write(b"1\n" if ok else b"0\n")
 """
+# math_verify's ANTLR parser builds its lookahead tables lazily: the first \sum, matrix or inequality it meets
+# costs up to ~1 s (the "slow sum of products"), later ones milliseconds. The worker parses these shapes at
+# start-up, so that cost is paid before "ready", outside every call's time limit.
+PRIME = [r"\frac{1}{2}", r"\sqrt{2}+\sqrt[3]{5}", r"(1, \frac{9}{2})", r"[0, \infty) \cup (-1, 2]", r"\{1, 2, 3\}",
+         r"x^2 + 2xy - 3 = 0", r"y = -\frac{1}{2}x + \frac{3}{4}", r"0 < f(x) < 1", r"x \geq 5", r"x \neq 3",
+         r"a_{37} = 19, a_3 = 2", r"11z^{7}(5+11z^{7})", r"2^6 \cdot 3^5 \cdot 5^4", r"1 \pm \sqrt{19}",
+         r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{array}{cc} 1 & 2 \end{array}", r"|x - 2|",
+         r"\sin(x)\cos^2 y + \tan\theta", r"\log_2 8 + \ln e", r"4210_{7}", r"f(x) = 2x + 3", r"3.5\pi i",
+         r"x \in [0.5, \infty)", r"\frac{\sqrt{\sqrt{11}+\sqrt{194}}}{15+2\sqrt{33}}", r"12:00", r"\binom{5}{2}",
+         r"5!", r"\overline{AB}", r"e^{i\pi}", r"F_n = \sum_{k=0}^{n-1} F_k F_{n-k-1}", r"\prod_{i=1}^{n} (1 + x_i)"]
 _lock = threading.Lock()  # one request in flight at a time; callers in other threads wait
 _proc = None
 
@@ -209,7 +287,7 @@ def _ensure_worker():
     if _proc is not None and _proc.poll() is None:
         return
     _kill()
-    _proc = subprocess.Popen([sys.executable, "-c", _WORKER_SRC], stdin=subprocess.PIPE,
+    _proc = subprocess.Popen([sys.executable, "-c", _WORKER_SRC, json.dumps(PRIME)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, bufsize=0)
     atexit.unregister(_kill)  # (the worker also exits by itself when our end of its stdin closes)
     atexit.register(_kill)
@@ -219,20 +297,20 @@ def _ensure_worker():
                            "check that `python -c 'import math_verify'` works (pip install math-verify)")
 
 def warmup():
-    """Start the math_verify worker now (~1 s) rather than on the first symbolic comparison."""
+    """Start the math_verify worker now (a few s) rather than on the first symbolic comparison."""
     with _lock:
         _ensure_worker()
 
 def _verify(gold, pred, timeout):
     with _lock:
         _ensure_worker()
-        try:
-            _proc.stdin.write(json.dumps([gold, pred]).encode() + b"\n")
+        try:  # the worker gives up by itself at ALARM_FRACTION * timeout and stays warm
+            _proc.stdin.write(json.dumps([gold, pred, ALARM_FRACTION * timeout]).encode() + b"\n")
         except OSError:
             _kill()
             return False
         reply = _readline(_proc, timeout)
-        if reply is None:  # too slow (or crashed): kill it, the next call starts a fresh one
+        if reply is None:  # stuck where its alarm cannot reach (or crashed): kill it, the next call starts a fresh one
             _kill()
             return False
         return reply == b"1"
@@ -251,7 +329,7 @@ def is_equiv(pred, gold, timeout=TIMEOUT_S):
     gold_num = _to_number(g)
     if gold_num is not None:  # numeric ground truth: exact numeric comparison only
         return _to_number(p) == gold_num
-    pred, gold = pred.replace("\\!", ""), gold.replace("\\!", "")
+    pred, gold = _clean(pred), _clean(gold)
     if not (_sympy_safe(pred) and _sympy_safe(gold)):
         return False
     return _verify(gold, pred, timeout)
