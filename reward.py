@@ -7,14 +7,30 @@ Math-answer reward: 1.0 if a completion's final answer equals the ground truth, 
 Cheapest first, so the common case never leaves this process:
   1. extract the last \\boxed{...} / \\fbox{...} from the end of the completion, then any fallbacks asked for:
      "answer" (DAPO's last "Answer: x" line), "hash" (GSM8K "#### x"), "last_number".
-  2. normalise Hendrycks-MATH style ($, spaces, \\left, \\text{}, units, 1,000, \\dfrac, .0, ^\\circ, \\%) and compare.
-  3. plain numbers (int, decimal, a/b, \\frac{a}{b}) compare exactly. A numeric ground truth needs a plain-number
-     prediction, so \\boxed{12+7} does not earn the reward for "What is 12 + 7?".
-  4. anything else (intervals, sets, sqrt, expressions) goes to math_verify in a persistent worker process with a
-     hard wall-clock limit. math_verify's own limit uses signal.alarm, which only works in the main thread
-     (Math-Verify#50, verl PR#5635): we turn it off and kill the worker on timeout. Timeouts score 0.
+  2. clean up ($, \\left, \\dfrac/\\cfrac, {,}, trailing units and \\text, ^\\circ, \\%, "and"/"or" lists), normalise
+     (spaces, 1,000, .0, "x =") and compare the strings.
+  3. plain numbers (int, decimal, a/b, \\frac{a}{b}, mixed 1 1/2) compare exactly. A numeric ground truth needs a
+     plain-number prediction, so \\boxed{12+7} does not earn the reward for "What is 12 + 7?".
+  4. anything else (intervals, sets, sqrt, expressions) goes to math_verify in a persistent worker process. Only a
+     parse that read the whole answer counts (math_verify reads "1 - \\frac{1}{\\mathrm{e}}" as 1). Expressions and
+     equations are first compared at 3 fixed random points (sympy's simplify can take seconds). The worker stops
+     itself with an alarm at 0.8 of the limit (its own main thread: math_verify's signal.alarm fails in the
+     caller's threads, Math-Verify#50, verl PR#5635) and is killed at the limit. Timeouts score 0.
 Model output is never eval'ed. Inputs are capped before any regex work, and answers hostile to sympy (power
 towers, huge exponents, factorials of expressions, deep nesting) score 0 without reaching it.
+
+Conventions where graders disagree (tests/reward_cases.jsonl holds a case of each, with the peers' verdicts):
+  - several boxes: the last one is the answer (Math-Verify joins them into a set).
+  - numbers are exact: 0.333 != 1/3 and 3.14 != pi (Math-Verify rounds to 6 digits, MARIO and Qwen compare with
+    a tolerance); 0.75 == 3/4 and 2.5 == 5/2 exactly. A decimal ground truth needs a plain number.
+  - "A \\approx B": A, unless A is a variable name ("x \\approx 11" is 11).
+  - commas: "1,000" and "1 000" are thousands separators (exactly 3 digits after each), "32, 349" and "1,2" are
+    lists; decimal commas ("1,5") are not read (Math-Verify reads them).
+  - "1 1/2" and "3\\frac18" are mixed numbers (3/2, 25/8), as MATH writes them; "2x = 5" stays an equation (only
+    a variable name, "x", "a_3", "f(x)", left of "=" is dropped; minerva drops any left side).
+  - 10\\% is 10 (MARIO also accepts 0.1); units and words after a number are dropped ("5 \\text{ cm}", "9 cm"),
+    but a word inside the answer is kept ("6 \\text{ and } 8" is the list 6, 8); "10cm" without a space is kept.
+  - "(5)" is 5; "(B)" and "(b)" are the option B; i is the imaginary unit.
 """
 
 import atexit
