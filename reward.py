@@ -14,7 +14,7 @@ Cheapest first, so the common case never leaves this process:
   4. anything else (intervals, sets, sqrt, expressions) goes to math_verify in a persistent worker process. Only a
      parse that read the whole answer counts (math_verify reads "1 - \\frac{1}{\\mathrm{e}}" as 1). Expressions and
      equations are first compared at 3 fixed random points (sympy's simplify can take seconds). The worker stops
-     itself with an alarm at 0.8 of the limit (its own main thread: math_verify's signal.alarm fails in the
+     itself with an alarm at 0.7 of the limit (its own main thread: math_verify's signal.alarm fails in the
      caller's threads, Math-Verify#50, verl PR#5635) and is killed at the limit. Timeouts score 0.
 Model output is never eval'ed. Inputs are capped before any regex work, and answers hostile to sympy (power
 towers, huge exponents, factorials of expressions, deep nesting) score 0 without reaching it.
@@ -47,7 +47,7 @@ MAX_TAIL_CHARS = 4096    # only the end of a completion is searched for the answ
 MAX_ANSWER_CHARS = 300   # longer extracted answers score 0 (no ground truth is this long)
 MAX_DEPTH = 10           # brace/paren nesting allowed in an answer
 TIMEOUT_S = 1.0          # wall-clock limit for one math_verify comparison (oat uses 1 s too)
-ALARM_FRACTION = 0.8     # the worker stops a comparison itself at this share of the limit (no restart needed)
+ALARM_FRACTION = 0.7     # the worker stops a comparison itself at this share of the limit (no restart needed)
 STARTUP_TIMEOUT_S = 60.0 # worker start-up (imports sympy) is not counted in TIMEOUT_S
 FALLBACKS = ("boxed", "answer", "hash", "last_number")
 

@@ -214,7 +214,7 @@ def test_timeout_scores_0_and_recovers(runner, warm_worker):
 def test_timeout_keeps_the_worker(warm_worker):
     # the worker's own alarm stops sympy before the hard limit: no kill, so the next call pays no start-up
     pid = reward._proc.pid
-    assert is_equiv("\\{(x+1)^{999}\\}", "\\{x^{999}+1\\}", timeout=0.5) is False
+    assert is_equiv("\\{(x+1)^{999}\\}", "\\{x^{999}+1\\}", timeout=1.0) is False
     assert reward._proc is not None and reward._proc.pid == pid
     t0 = time.perf_counter()
     assert is_equiv("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}")
