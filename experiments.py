@@ -1,6 +1,6 @@
 """
 The paper's comparison, scaled down: 16/8/4/2-GRPO, 2-GRPO+RS and online DPO, several seeds each, one train.py
-subprocess per run, eval.py on the final policy, then a table of the paper's headline ratios and two plots.
+subprocess per run, eval.evaluate on the final policy (per problem), then a table of the paper's headline ratios and two plots.
 
     python experiments.py                  # default: 6 methods x 3 seeds, SmolLM2-135M, synthetic:1 (~3 h estimated, 2 CPUs)
     python experiments.py --dry_run        # print the grid and the time estimate, run nothing
@@ -8,6 +8,7 @@ subprocess per run, eval.py on the final policy, then a table of the paper's hea
     python experiments.py --methods=grpo16,grpo2 --seeds=5 --out=results/g2 --runs=runs/g2
     python experiments.py --train_n=64 --num_steps=40 --prompts_per_step=16 --rollouts_per_update=32  # 10 epochs
     python experiments.py --report_only    # rebuild results/RESULTS.md and the plots from the JSONs
+    python experiments.py --difficulty --eval_n=64 --max_new_tokens=48  # base pass rates -> results/difficulty.json
 
 -> results/<method>_s<seed>.json, results/RESULTS.md (printed too), results/acc_vs_time.png, acc_vs_rollouts.png.
 It resumes: a run whose results JSON exists is skipped, an interrupted one continues from runs/<method>_s<seed>/ckpt.pt.
@@ -25,13 +26,18 @@ uses 2-GRPO's pairs, mini-batch and lr (untuned; Adam makes the step ~lr whateve
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
+import torch
+
 from config import parse_config
+from data import load_problems
+from eval import evaluate, load_model
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("grpo16", "grpo8", "grpo4", "grpo2", "grpo2_rs", "dpo")
@@ -66,7 +72,10 @@ class Config:
     temperature: float = 0.7
     top_p: float = 0.8
     top_k: int = 20
-    threads: int = 0               # torch threads for train.py; 0 = default
+    threads: int = 0               # torch threads for train.py and the final eval; 0 = default
+    difficulty: bool = False       # only measure the initial policy's pass rate on each held-out problem (hypothesis 2)
+    difficulty_json: str = "results/difficulty.json"  # written by --difficulty; read by the report's per-difficulty table
+    difficulty_samples: int = 16   # samples per problem for that pass rate, at train.py's sampling (T=1)
     out: str = "results"
     runs: str = "runs"
     quick: bool = False
@@ -111,7 +120,7 @@ def estimate_s(m, c):
     rollouts = c.prompts_per_step * G * (1 / kept if m == "grpo2_rs" else 1)  # RS refills until the batch is full
     trained = c.prompts_per_step * G * (1 if m == "grpo2_rs" else kept)
     n_eval = c.eval_n or 104
-    evals = (c.num_steps // max(c.eval_every, 1) + 1) * n_eval + n_eval * c.n_samples
+    evals = (c.num_steps // max(c.eval_every, 1) + 1) * n_eval + 2 * n_eval * c.n_samples  # final: unbatched, ~2x
     return c.num_steps * (rollouts * SEC_ROLLOUT + trained * SEC_UPDATE) + evals * SEC_EVAL_ROW + 2 * SEC_PROC
 
 # -----------------------------------------------------------------------------
@@ -137,6 +146,31 @@ def parse_log(path):
     return steps, curve
 
 
+def per_problem(model, c, n, temperature, top_p, top_k):
+    """Correct samples out of n on each held-out problem (the eval_n-problem subset train.py and eval.py score, in
+    its order): eval.evaluate one problem at a time, since it returns averages only (~2x slower than batched)."""
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    model, tok = load_model(model)
+    kw = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=c.max_new_tokens,
+              fallbacks=tuple(c.fallbacks.split(",")))
+    return [round(evaluate(model, tok, [p], seed=j, **kw)["acc"] * n)  # row seeds (j, 0, sample): distinct per problem
+            for j, p in enumerate(load_problems(c.data, "test", c.eval_n or None))]
+
+
+def difficulty(c):
+    """--difficulty: the initial policy's pass rate on each held-out problem, at train.py's sampling (T=1, no top-p
+    or top-k): the p of Prop 5.1 (2-GRPO weights a prompt by ~p(1-p), large-G GRPO by ~sqrt(p(1-p)))."""
+    t0 = time.time()
+    correct = per_problem(c.model, c, c.difficulty_samples, 1.0, 1.0, 0)
+    res = dict(model=c.model, data=c.data, eval_n=c.eval_n, max_new_tokens=c.max_new_tokens,
+               n=c.difficulty_samples, correct=correct, minutes=round((time.time() - t0) / 60, 1))
+    os.makedirs(os.path.dirname(c.difficulty_json), exist_ok=True)
+    json.dump(res, open(c.difficulty_json, "w"))
+    print(f"wrote {c.difficulty_json}: {len(correct)} problems x {res['n']} samples in {res['minutes']} min, mean pass "
+          f"rate {sum(correct) / (len(correct) * res['n']):.3f}, {sum(x == 0 for x in correct)} never solved")
+
+
 def run_one(m, seed, c):
     """Train (or resume), evaluate, write <out>/<m>_s<seed>.json. Returns True if it had to do anything."""
     res_path, run_dir = os.path.join(c.out, f"{m}_s{seed}.json"), os.path.join(c.runs, f"{m}_s{seed}")
@@ -153,20 +187,20 @@ def run_one(m, seed, c):
     with open(os.path.join(run_dir, "stdout.txt"), "a") as f:  # train.py keeps its own log.txt; this is the rest
         p = subprocess.run([sys.executable, "train.py", *args, f"--out_dir={run_dir}", "--resume"], cwd=ROOT,
                            stdout=f, stderr=subprocess.STDOUT)
-        if p.returncode == 0:
-            p = subprocess.run([sys.executable, "eval.py", f"--model={run_dir}/ckpt.pt", f"--data={c.data}",
-                                "--split=test", f"--n_problems={c.eval_n}", f"--n_samples={c.n_samples}",
-                                f"--temperature={c.temperature}", f"--top_p={c.top_p}", f"--top_k={c.top_k}",
-                                f"--max_new_tokens={c.max_new_tokens}", f"--fallbacks={c.fallbacks}", "--seed=0",
-                                f"--out={run_dir}/eval.json"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if p.returncode != 0:
         print(f"FAILED {m} seed {seed} (exit {p.returncode}); see {run_dir}/stdout.txt")
         return True
+    try:
+        correct = per_problem(os.path.join(run_dir, "ckpt.pt"), c, c.n_samples, c.temperature, c.top_p, c.top_k)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"FAILED {m} seed {seed}: final eval: {e}")
+        return True
     steps, curve = parse_log(os.path.join(run_dir, "log.txt"))
-    ev, n = json.load(open(os.path.join(run_dir, "eval.json")))["metrics"], c.n_samples
-    res = dict(method=m, seed=seed, greedy=curve[-1]["acc"], k=n, **{"mean@k": ev["acc"], "pass@k": ev[f"pass@{n}"]},
-               rollouts=steps[max(steps)][2], roll_s=sum(v[0] for v in steps.values()),
-               train_s=sum(v[1] for v in steps.values()), curve=curve, eval=ev, train_args=args)
+    n, P = c.n_samples, len(correct)
+    res = dict(method=m, seed=seed, greedy=curve[-1]["acc"], k=n, **{"mean@k": sum(correct) / (n * P),
+               "pass@k": sum(x > 0 for x in correct) / P}, rollouts=steps[max(steps)][2],
+               roll_s=sum(v[0] for v in steps.values()), train_s=sum(v[1] for v in steps.values()), curve=curve,
+               correct=correct, train_args=args)
     res["wall_s"] = res["roll_s"] + res["train_s"]  # rollout + update time; evals and process starts excluded
     res["device"] = (re.findall(r"\) on (\S+), \d+ rank", open(os.path.join(run_dir, "log.txt")).read()) or ["?"])[-1]
     json.dump(res, open(res_path + ".tmp", "w"), indent=1)
@@ -186,14 +220,21 @@ def mean_std(xs):
     return mu, math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
-def acc_at(curve, wall_min):
-    """Held-out greedy accuracy on a run's eval curve at wall_min minutes of training: linear between evals, the
-    last eval's value past the end."""
-    pts = [(p["wall_min"], p["acc"]) for p in curve]
+def acc_at(curve, x, key="wall_min"):
+    """Held-out greedy accuracy on a run's eval curve at x minutes of training (key="wall_min") or x rollouts
+    (key="rollouts"): linear between evals, the last eval's value past the end."""
+    pts = [(p[key], p["acc"]) for p in curve]
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if wall_min <= x1:
-            return y1 if x1 <= x0 else y0 + (y1 - y0) * (max(wall_min, x0) - x0) / (x1 - x0)
+        if x <= x1:
+            return y1 if x1 <= x0 else y0 + (y1 - y0) * (max(x, x0) - x0) / (x1 - x0)
     return pts[-1][1]
+
+
+def paired(results, m, base=BASE):
+    """({seed: m's result}, {seed: base's result}, the seeds both have)."""
+    a = {r["seed"]: r for r in results if r["method"] == m}
+    b = {r["seed"]: r for r in results if r["method"] == base}
+    return a, b, sorted(a.keys() & b.keys())
 
 
 def ratios(results, m, base=BASE):
@@ -202,17 +243,45 @@ def ratios(results, m, base=BASE):
     seeds of the per-seed wall-clock ratio (21.0% = mean of 5 per-setting ratios). retention: mean over seeds x
     {mean@k, pass@k} of per-cell accuracy ratios (v2's 98.1%). retention_mean: pooled mean@k, sum/sum (v3's 97.6%).
     base_at_time: not in the paper, the equal-time view: base's greedy accuracy after as much training time as m
-    took (its eval curve, same seed), mean over seeds. None where nothing is paired or a denominator is 0."""
-    a = {r["seed"]: r for r in results if r["method"] == m}
-    b = {r["seed"]: r for r in results if r["method"] == base}
-    seeds = sorted(a.keys() & b.keys())
+    took (its eval curve, same seed), mean over seeds; base_at_rollouts: the same after as many rollouts as m
+    generated (equal rollouts, IsoCompute's x axis). None where nothing is paired or a denominator is 0."""
+    a, b, seeds = paired(results, m, base)
     avg = lambda xs: sum(xs) / len(xs) if xs else None
     pooled = lambda key: (sum(a[s][key] for s in seeds) / den if (den := sum(b[s][key] for s in seeds)) else None)
     return dict(rollouts=pooled("rollouts") if seeds else None,
                 time=avg([a[s]["wall_s"] / b[s]["wall_s"] for s in seeds if b[s]["wall_s"]]),
                 retention=avg([a[s][k] / b[s][k] for s in seeds for k in ("mean@k", "pass@k") if b[s][k]]),
                 retention_mean=pooled("mean@k") if seeds else None,
-                base_at_time=avg([acc_at(b[s]["curve"], a[s]["wall_s"] / 60) for s in seeds]))
+                base_at_time=avg([acc_at(b[s]["curve"], a[s]["wall_s"] / 60) for s in seeds]),
+                base_at_rollouts=avg([acc_at(b[s]["curve"], a[s]["rollouts"], "rollouts") for s in seeds]))
+
+
+def cells(r, idx=None):
+    """A run's (mean@k, pass@k), from its per-problem outcomes on the problems idx (repeats allowed) if given."""
+    if idx is None:
+        return r["mean@k"], r["pass@k"]
+    cs = [r["correct"][i] for i in idx]
+    return sum(cs) / (r["k"] * len(cs)), sum(x > 0 for x in cs) / len(cs)
+
+
+def retention_ci(results, m, base=BASE, B=2000, seed=0):
+    """95% percentile-bootstrap interval of the v2 retention (hypothesis 4): resample the seed pairs and, where
+    every paired run stores per-problem outcomes ("correct"), the held-out problems too (one draw shared by both
+    arms and all seeds, as they score the same problems). -> (lo, hi, what was resampled), None below 2 seed pairs.
+    Seeds only, 3 seeds: the interval is about the range of the per-seed retentions, a floor on the uncertainty."""
+    a, b, seeds = paired(results, m, base)
+    if len(seeds) < 2:
+        return None
+    runs = [a[s] for s in seeds] + [b[s] for s in seeds]
+    lens = {len(r.get("correct", [])) for r in runs}
+    P = lens.pop() if len(lens) == 1 else 0  # 0: some run has no (or other) per-problem outcomes
+    rng, stats = random.Random(seed), []
+    for _ in range(B):
+        idx = rng.choices(range(P), k=P) if P else None
+        rs = [x / y for s in rng.choices(seeds, k=len(seeds)) for x, y in zip(cells(a[s], idx), cells(b[s], idx)) if y]
+        stats += [sum(rs) / len(rs)] if rs else []
+    stats.sort()
+    return stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1], "problems x seeds" if P else "seeds"
 
 
 def table(results, base=BASE):
@@ -222,7 +291,8 @@ def table(results, base=BASE):
     k = results[0]["k"]
     lines = [f"| method | seeds | greedy acc | mean@{k} | pass@{k} | rollouts | rollout min | update min | total min "
              f"| rollouts vs {base} | time vs {base} | retention (v2 rule) | mean@{k} retention (v3 rule) "
-             f"| paper: rollouts / time / retention | {base} greedy at equal time |", "|" + "---|" * 15]
+             f"| retention 95% CI (bootstrap over) | paper: rollouts / time / retention | {base} greedy at equal time "
+             f"| {base} greedy at equal rollouts |", "|" + "---|" * 17]
     for m in [x for x in METHODS if any(r["method"] == x for r in results)]:
         rs = [r for r in results if r["method"] == m]
         col = lambda key, f=1.0: [r[key] * f for r in rs]
@@ -231,21 +301,59 @@ def table(results, base=BASE):
         cells = [m, len(rs), pm(col("greedy")), pm(col("mean@k")), pm(col("pass@k")), mean("rollouts", 1),
                  mean("roll_s", 1 / 60), mean("train_s", 1 / 60),
                  pm(col("wall_s", 1 / 60), "{:.1f} ± {:.1f}")]
-        cells += [pct(rt[key]) for key in ("rollouts", "time", "retention", "retention_mean")] + [PAPER[m]]
-        cells += ["n/a" if rt["base_at_time"] is None else f"{rt['base_at_time']:.3f}"]
+        ci = retention_ci(results, m, base) if m != base else None
+        cells += [pct(rt[key]) for key in ("rollouts", "time", "retention", "retention_mean")]
+        cells += ["n/a" if ci is None else f"{pct(ci[0])} - {pct(ci[1])} ({ci[2]})", PAPER[m]]
+        cells += ["n/a" if rt[key] is None else f"{rt[key]:.3f}" for key in ("base_at_time", "base_at_rollouts")]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
 def mean_curves(results, m):
-    """(wall_min, rollouts, acc) averaged over seeds at each eval step all of m's seeds share."""
+    """(wall_min, rollouts, acc, acc's std) over seeds at each eval step all of m's seeds share."""
     curves = [{p["step"]: p for p in r["curve"]} for r in results if r["method"] == m]
     common = sorted(set.intersection(*(set(c) for c in curves)))
-    keys = ("wall_min", "rollouts", "acc")
-    return [tuple(sum(c[S][key] for c in curves) / len(curves) for key in keys) for S in common]
+    mean = lambda S, key: mean_std([c[S][key] for c in curves])[0]
+    return [(mean(S, "wall_min"), mean(S, "rollouts"), *mean_std([c[S]["acc"] for c in curves])) for S in common]
 
 
-def plot(results, out):
+BINS = ("p = 0", "0 < p <= 1/3", "1/3 < p <= 2/3", "2/3 < p < 1", "p = 1")
+
+
+def by_difficulty(results, diff):
+    """Hypothesis 2: the held-out problems binned by the initial policy's pass rate p (diff from --difficulty), and
+    per bin each method's final mean@k, mean and std over seeds. Methods whose runs all store per-problem outcomes
+    for these problems. -> [(bin, problem indices, {method: (mean, std)})]"""
+    p = [x / diff["n"] for x in diff["correct"]]
+    bin_of = lambda q: 0 if q == 0 else 4 if q == 1 else 1 + (q > 1 / 3) + (q > 2 / 3)
+    ms = [m for m in METHODS if (rs := [r for r in results if r["method"] == m])
+          and all(len(r.get("correct", [])) == len(p) for r in rs)]
+    out = []
+    for b, name in enumerate(BINS):
+        idx = [i for i, q in enumerate(p) if bin_of(q) == b]
+        accs = {m: mean_std([cells(r, idx)[0] for r in results if r["method"] == m]) for m in ms} if idx else {}
+        out.append((name, idx, accs))
+    return out
+
+
+def difficulty_table(results, diff):
+    """Markdown: one row per difficulty bin, each method's mean@k there, 2-GRPO / 16-GRPO, Prop 5.1's weights."""
+    rows = by_difficulty(results, diff)
+    ms = sorted({m for _, _, accs in rows for m in accs}, key=METHODS.index)
+    w = lambda idx, f: sum(f(diff["correct"][i] / diff["n"]) for i in idx) / len(idx)
+    lines = [f"| initial pass rate p ({diff['n']} samples, T=1) | problems | mean p(1-p) (2-GRPO weight) | mean "
+             "sqrt(p(1-p)) (large-G weight) | " + " | ".join(f"{m} mean@k" for m in ms) + " | grpo2 / grpo16 |",
+             "|" + "---|" * (5 + len(ms))]
+    for name, idx, accs in rows:
+        ratio = (f"{accs['grpo2'][0] / accs['grpo16'][0]:.2f}" if {"grpo2", "grpo16"} <= accs.keys()
+                 and accs["grpo16"][0] else "n/a")
+        cells_ = ([f"{w(idx, lambda q: q * (1 - q)):.3f}", f"{w(idx, lambda q: math.sqrt(q * (1 - q))):.3f}"]
+                  if idx else ["-", "-"]) + [f"{accs[m][0]:.3f} ± {accs[m][1]:.3f}" if m in accs else "-" for m in ms]
+        lines.append("| " + " | ".join([name, str(len(idx)), *cells_, ratio]) + " |")
+    return "\n".join(lines)
+
+
+def plot(results, out, diff=None):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -258,13 +366,31 @@ def plot(results, out):
         plt.figure(figsize=(6, 4))
         for m in [x for x in METHODS if any(r["method"] == x for r in results)]:
             pts = mean_curves(results, m)
-            plt.plot([p[i] for p in pts], [p[2] for p in pts], marker="o", label=m)
+            x, y, sd = [p[i] for p in pts], [p[2] for p in pts], [p[3] for p in pts]
+            plt.plot(x, y, marker="o", label=m)
+            plt.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)], alpha=0.15)
         plt.xlabel(xlabel)
-        plt.ylabel("held-out greedy accuracy (mean over seeds)")
+        plt.ylabel("held-out greedy accuracy (mean ± std over seeds)")
         plt.legend()
         plt.grid(alpha=0.3)
         plt.tight_layout()
         plt.savefig(os.path.join(out, f"{name}.png"), dpi=120)
+        plt.close()
+    if diff:  # per_difficulty.png: final mean@k per difficulty bin, and the initial policy's own pass rate there
+        rows = [row for row in by_difficulty(results, diff) if row[1]]
+        plt.figure(figsize=(7, 4))
+        for m in sorted({m for _, _, accs in rows for m in accs}, key=METHODS.index):
+            plt.errorbar(range(len(rows)), [accs[m][0] for _, _, accs in rows], [accs[m][1] for _, _, accs in rows],
+                         marker="o", capsize=3, label=m)
+        base = [sum(diff["correct"][i] for i in idx) / (diff["n"] * len(idx)) for _, idx, _ in rows]
+        plt.plot(range(len(rows)), base, "k--", label="initial policy (T=1)")
+        plt.xticks(range(len(rows)), [f"{name}\n({len(idx)} problems)" for name, idx, _ in rows], fontsize=8)
+        plt.xlabel("initial policy's pass rate p on the problem")
+        plt.ylabel(f"final mean@{results[0]['k']} (mean ± std over seeds)")
+        plt.legend()
+        plt.grid(alpha=0.3)
+        plt.tight_layout()
+        plt.savefig(os.path.join(out, "per_difficulty.png"), dpi=120)
         plt.close()
 
 
@@ -286,16 +412,33 @@ def report(c):
           "Ratios to 16-GRPO pair runs by seed, as paper.md section 14: rollouts = total generated rollouts (sum/sum); "
           "time = mean over seeds of per-seed wall-clock ratios; retention (v2 rule, 98.1%) = mean over seeds x "
           "{mean@k, pass@k} of per-cell accuracy ratios; mean@k retention (v3 rule, 97.6%) = pooled sum/sum. "
-          "The last column is not the paper's: 16-GRPO's held-out greedy accuracy after the same training time as "
-          "the method (its eval curve, same seed, linear between evals), to set against the method's greedy acc.\n\n"
+          "The retention CI is a 95% percentile bootstrap (2000 draws) over seed pairs, and over the held-out "
+          "problems where the runs store per-problem outcomes: a CI that excludes 100% is a significant difference "
+          "from 16-GRPO, one that excludes 98% a significant shortfall from the paper. The last two columns are not "
+          "the paper's: 16-GRPO's held-out greedy accuracy after the same training time (compute: rollout + update "
+          "wall-clock on this machine) or the same number of generated rollouts as the method (its eval curve, same "
+          "seed, linear between evals), to set against the method's greedy acc.\n\n"
           "![accuracy vs time](acc_vs_time.png) ![accuracy vs rollouts](acc_vs_rollouts.png)\n")
+    diff = json.load(open(c.difficulty_json)) if os.path.exists(c.difficulty_json) else None
+    want = dict(model=c.model, data=c.data, eval_n=c.eval_n, max_new_tokens=c.max_new_tokens)
+    if diff and {k: diff[k] for k in want} != want:
+        md += f"\nNo per-difficulty table: {c.difficulty_json} was made for {({k: diff[k] for k in want})}, not {want}\n"
+        diff = None
+    elif not diff:
+        md += f"\nNo per-difficulty table: no {c.difficulty_json} (python experiments.py --difficulty ...)\n"
+    elif not any(len(r.get("correct", [])) == len(diff["correct"]) for r in results):
+        md += "\nNo per-difficulty table: these runs store no per-problem outcomes (made before experiments.py did)\n"
+        diff = None
+    else:
+        md += (f"\nFinal mean@k by the initial policy's pass rate p on each problem ({c.difficulty_json}; "
+               f"hypothesis 2):\n\n{difficulty_table(results, diff)}\n\n![per difficulty](per_difficulty.png)\n")
     stale = [f"{r['method']}_s{r['seed']}" for r in results if r["train_args"] != train_args(r["method"], r["seed"], c)]
     if stale:  # the header above describes this invocation's settings
         md += f"\nWarning: made with other training settings than described above: {', '.join(stale)}\n"
     with open(os.path.join(c.out, "RESULTS.md"), "w") as f:
         f.write(md)
     print("\n" + md)
-    plot(results, c.out)
+    plot(results, c.out, diff)
 
 
 if __name__ == "__main__":
@@ -311,7 +454,13 @@ if __name__ == "__main__":
                              "every prompts_per_update = rollouts_per_update / G")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    c.out, c.runs = os.path.abspath(c.out), os.path.abspath(c.runs)
+    c.out, c.runs, c.difficulty_json = map(os.path.abspath, (c.out, c.runs, c.difficulty_json))
+    if c.difficulty:
+        try:
+            difficulty(c)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
+        sys.exit(0)
     grid = [(m, s) for m in methods for s in range(c.seeds)]
     if not c.report_only:
         print(f"grid: {len(methods)} methods x {c.seeds} seeds, {c.num_steps} steps x {c.prompts_per_step} prompts "

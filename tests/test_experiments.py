@@ -39,12 +39,13 @@ def test_ratios_hand_values():
     assert r["retention_mean"] == pytest.approx((0.45 + 0.4) / (0.5 + 0.4))           # pooled mean@k
     # 16-GRPO's curves go 0.3 -> 0.5 over 100 s (seed 0) and 0.3 -> 0.5 over 200 s (seed 1): at 20 s and 50 s
     assert r["base_at_time"] == pytest.approx((0.3 + 0.2 * 20 / 100 + 0.3 + 0.2 * 50 / 200) / 2)
+    assert r["base_at_rollouts"] == pytest.approx(0.3 + 0.2 * 512 / 4096)  # both seeds: 512 of 4096 rollouts
     assert ex.ratios(rs, "grpo16") == pytest.approx(dict(rollouts=1.0, time=1.0, retention=1.0, retention_mean=1.0,
-                                                         base_at_time=0.5))
-    none = dict(rollouts=None, time=None, retention=None, retention_mean=None, base_at_time=None)
+                                                         base_at_time=0.5, base_at_rollouts=0.5))
+    none = dict(rollouts=None, time=None, retention=None, retention_mean=None, base_at_time=None, base_at_rollouts=None)
     assert ex.ratios(rs, "dpo") == none
     zero = [res("grpo16", 0, 4096, 0.0, 0.0, 0.0), res("grpo2", 0, 512, 0.0, 0.1, 0.1)]  # tiny runs: 0.0 s, 0 acc
-    assert ex.ratios(zero, "grpo2") == {**none, "rollouts": 0.125, "base_at_time": 0.5}
+    assert ex.ratios(zero, "grpo2") == {**none, "rollouts": 0.125, "base_at_time": 0.5, "base_at_rollouts": 0.325}
 
 
 def test_acc_at_interpolates_the_eval_curve():
@@ -76,9 +77,37 @@ def test_mean_std_and_table():
     assert [r.split("|")[1].strip() for r in rows] == ["grpo16", "grpo2"]
     g2 = [c.strip() for c in rows[1].split("|")]
     assert g2[4:6] == ["0.400 ± 0.141", "0.350 ± 0.071"]  # mean@k (0.5, 0.3), pass@k (0.4, 0.3)
-    assert g2[10:16] == ["12.5%", "20.0%", "75.0%", "100.0%", ex.PAPER["grpo2"], "0.340"]  # (1+.5+1+.5)/4; .8/.8
-    assert [c.strip() for c in rows[0].split("|")][15] == "0.500"  # 16-GRPO against itself: its own final greedy
-    assert [x for point in ex.mean_curves(rs, "grpo2") for x in point] == pytest.approx([0.0, 0.0, 0.3, 2.0, 512.0, 0.5])
+    assert g2[10:18] == ["12.5%", "20.0%", "75.0%", "100.0%", "75.0% - 75.0% (seeds)", ex.PAPER["grpo2"], "0.340",
+                         "0.325"]  # (1+.5+1+.5)/4; .8/.8
+    assert [c.strip() for c in rows[0].split("|")][16] == "0.500"  # 16-GRPO against itself: its own final greedy
+    assert [x for point in ex.mean_curves(rs, "grpo2") for x in point] == pytest.approx(
+        [0.0, 0.0, 0.3, 0.0, 2.0, 512.0, 0.5, 0.0])  # (wall_min, rollouts, acc, acc's std over seeds)
+
+
+def test_retention_ci_seeds_and_problems():
+    """Identical arms: every bootstrap draw is 100%. One seed pair, or a run without per-problem outcomes: seeds only
+    (None below 2 pairs). Per problem: 2-GRPO solves problem 0 only, 16-GRPO both, so a draw is 0% (problem 1 twice) .. 100%."""
+    rs = [res(m, s, 1, 1, 0.5, 0.5) for m in ("grpo16", "grpo2") for s in (0, 1)]
+    assert ex.retention_ci(rs, "grpo2") == (pytest.approx(1.0), pytest.approx(1.0), "seeds")
+    assert ex.retention_ci(rs[:3], "grpo2") is None
+    for r in rs:
+        r["correct"] = [2, 2] if r["method"] == "grpo16" else [2, 0]
+    lo, hi, what = ex.retention_ci(rs, "grpo2")
+    assert what == "problems x seeds" and lo == 0.0 and hi == pytest.approx(1.0)
+    del rs[0]["correct"]
+    assert ex.retention_ci(rs, "grpo2")[2] == "seeds"
+
+
+def test_by_difficulty_bins_problems_by_initial_pass_rate():
+    diff = dict(n=4, correct=[0, 1, 2, 3, 4, 0])  # p = 0, .25, .5, .75, 1, 0
+    rs = [dict(res("grpo2", 0, 1, 1, 0, 0), correct=[1, 2, 3, 4, 4, 0]),
+          dict(res("grpo2", 1, 1, 1, 0, 0), correct=[0, 2, 3, 4, 4, 0]), res("grpo16", 0, 1, 1, 0, 0)]
+    rows = ex.by_difficulty(rs, dict(diff))
+    assert [(name, idx) for name, idx, _ in rows] == list(zip(ex.BINS, [[0, 5], [1], [2], [3], [4]]))
+    assert set(rows[0][2]) == {"grpo2"}  # grpo16's run stores no per-problem outcomes: left out
+    assert rows[0][2]["grpo2"][0] == pytest.approx((1 / 16 + 0) / 2)  # mean over seeds of mean@8 on the bin
+    assert rows[4][2]["grpo2"] == pytest.approx((0.5, 0.0))
+    assert "| p = 0 | 2 | 0.000 | 0.000 | 0.031 ± 0.044 | n/a |" in ex.difficulty_table(rs, diff)
 
 
 def test_parse_log_after_a_resume(tmp_path):
