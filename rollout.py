@@ -301,3 +301,34 @@ def completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperatur
         zeros = mask.new_zeros(B, Tn)
         return zeros.index_put((F.pad(m, (0, Tn - Tk)),), torch.cat(xs)) if xs else zeros
     return (scatter(logps), scatter(ents)) if entropy else scatter(logps)
+
+
+class Bf16Emulation(torch.overrides.TorchFunctionMode):
+    """`with Bf16Emulation():` bf16 sampling numerics at fp32 speed, for CPUs where bf16 matmul is slow (AVX2): the
+    inputs and output of every matmul and attention are rounded to bf16 (kept fp32), as autocast casts them. An
+    EMULATION, not bf16: elementwise ops between matmuls stay fp32 (autocast runs some in bf16), so its numbers differ
+    from real autocast about as much as autocast from fp32 (tests/test_precision.py). No grad: rounding detaches."""
+    MATMULS = {F.linear, torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, F.scaled_dot_product_attention}
+
+    def __enter__(self):
+        self.params = {}  # rounded weights, made once per `with` block (in-place optimizer steps bump no version)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.params = {}  # frees the rounded copy between steps
+        return super().__exit__(*exc)
+
+    def round(self, t):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            return t
+        if isinstance(t, torch.nn.Parameter):
+            if id(t) not in self.params:
+                self.params[id(t)] = t.detach().bfloat16().float()
+            return self.params[id(t)]
+        return t.bfloat16().float()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.MATMULS:
+            return func(*args, **kwargs)
+        return self.round(func(*map(self.round, args), **{k: self.round(v) for k, v in kwargs.items()}))

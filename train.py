@@ -39,11 +39,12 @@ class Config:
     # algorithm
     algo: str = "grpo"                    # grpo | dpo (online, pairs from k=2 rollouts) | dpo_offline
     k: int = 2                            # rollouts per prompt; k=2 is 2-GRPO
-    adv_scale: str = "std"                # std (Eq. 6) | none (Dr. GRPO)
+    adv_scale: str = "std"                # std (Eq. 6) | batch (group mean, batch std: TRL, LitePPO) | none (Dr. GRPO)
     adv_unbiased: bool = False            # Bessel std as in verl/TRL (+-0.707 at k=2) instead of the paper's +-1
     agg: str = "seq_mean"                 # loss aggregation: seq_mean (paper) | token_mean (verl) | const (Dr. GRPO)
     clip_low: float = 0.2                 # PPO clip range [1 - clip_low, 1 + clip_high] (clip-higher, paper C.1)
     clip_high: float = 0.28
+    dual_clip: float = 0.0                # c > 1 caps the loss of A<0 tokens at -A*c (verl's clip_ratio_c=3); 0 = off
     kl_coef: float = 0.0                  # k3 KL to the initial policy; 0 = no reference model (verl's default)
     beta: float = 0.1                     # DPO temperature
     label_smoothing: float = 0.0          # conservative DPO
@@ -63,6 +64,11 @@ class Config:
     # sampling during training
     max_new_tokens: int = 64
     temperature: float = 1.0
+    sample_dtype: str = ""                # "" = dtype | float32 | bfloat16 (autocast) | bfloat16_emul (rollout.py's
+                                          # Bf16Emulation: bf16 rounding at fp32 speed, for AVX2 CPUs; an emulation)
+    old_logp: str = "sampler"             # sampler (its own log-probs) | recompute (the trainer's no-grad forward
+                                          # before the updates, verl's compute_log_prob)
+    tis_cap: float = 0.0                  # C > 0: weight tokens by min(pi_old / pi_sampler, C) (TIS); 0 = off
     # eval, logging, checkpoints
     eval_every: int = 10                  # held-out greedy accuracy every this many steps (and at the end); 0 = end only
     eval_n: int = 0                       # held-out problems; 0 = all
@@ -95,10 +101,11 @@ def die(msg):
 from config import parse_config  # noqa: E402
 from data import load_preferences, load_problems  # noqa: E402
 from eval import evaluate, load_checkpoint  # noqa: E402
-from loss import dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, seq_logp  # noqa: E402
+from loss import (dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, sampler_mismatch,  # noqa: E402
+                  seq_logp)
 from model import chat_ids, from_pretrained, stop_token_ids  # noqa: E402
 from reward import math_reward  # noqa: E402
-from rollout import completion_logprobs, generate, make_compiled_decode  # noqa: E402
+from rollout import Bf16Emulation, completion_logprobs, generate, make_compiled_decode  # noqa: E402
 
 try:
     cfg = parse_config(Config(), sys.argv[1:])
@@ -115,6 +122,19 @@ try:
     if (cfg.gpu or cfg.gpus) and not cfg.dry_run:
         raise ValueError("--gpu/--gpus describe the GPUs --dry_run plans for; to train on N GPUs run "
                          "torchrun --nproc_per_node=N train.py")
+    for key, ok in [("adv_scale", ("std", "batch", "none")), ("old_logp", ("sampler", "recompute")),
+                    ("sample_dtype", ("", "float32", "bfloat16", "bfloat16_emul"))]:
+        if getattr(cfg, key) not in ok:
+            raise ValueError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(map(repr, ok))}")
+    if cfg.tis_cap < 0 or (cfg.tis_cap > 0 and cfg.old_logp != "recompute"):
+        raise ValueError(f"--tis_cap={cfg.tis_cap}: a cap >= 0 (0 = off), with --old_logp=recompute (with the "
+                         "sampler's log-probs as old_logp the TIS weight is 1)")
+    if cfg.dual_clip != 0 and cfg.dual_clip <= 1:
+        raise ValueError(f"--dual_clip={cfg.dual_clip}: 0 (off) or a cap c > 1 (verl uses 3)")
+    if cfg.algo != "grpo" and (cfg.tis_cap or cfg.dual_clip or cfg.old_logp != "sampler"):
+        raise ValueError(f"--algo={cfg.algo}: --tis_cap, --dual_clip and --old_logp=recompute are GRPO options")
+    if cfg.algo == "dpo_offline" and cfg.sample_dtype:
+        raise ValueError(f"--sample_dtype={cfg.sample_dtype}: dpo_offline samples nothing; drop it")
 except (ValueError, FileNotFoundError) as e:
     die(e)
 if cfg.dry_run:  # memory and step-time plan on cfg.gpus x cfg.gpu, no weights loaded; exits (2 if it cannot fit)
@@ -137,6 +157,8 @@ torch.manual_seed(cfg.seed)
 random.seed(cfg.seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+sample_ctx = {"": lambda: ctx, "float32": nullcontext, "bfloat16_emul": Bf16Emulation,
+              "bfloat16": lambda: torch.autocast(device.type, dtype=torch.bfloat16)}[cfg.sample_dtype]
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 os.makedirs(cfg.out_dir, exist_ok=True)
 ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -244,30 +266,31 @@ def next_items(n):
     return out[rank::world]
 
 
-def all_sum(x):
-    """Sum a python number over ranks (identity on one process)."""
+def all_sum(x, op=dist.ReduceOp.SUM):
+    """Sum (or max, with op=dist.ReduceOp.MAX) a python number over ranks (identity on one process)."""
     if not ddp:
         return x
     t = torch.tensor(float(x), dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op)
     return t.item()
 
 
 def collate(groups):
     """Groups -> padded tensors on device: prompts left-padded, completions right-padded (the sampler's layout)."""
-    rows = [(g["prompt"], toks, lp, a, rl) for g in groups
-            for toks, lp, a, rl in zip(g["tokens"], g["old_logp"], g["adv"], g["ref_logp"])]
+    keys = ("old_logp", "ref_logp", "sampler_logp")  # per-token lists of every row
+    rows = [(g["prompt"], toks, a, [g[key][j] for key in keys]) for g in groups
+            for j, (toks, a) in enumerate(zip(g["tokens"], g["adv"]))]
     B, Lp, Tn = len(rows), max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     b = dict(prompt_ids=torch.full((B, Lp), pad_id), prompt_mask=torch.zeros(B, Lp, dtype=torch.bool),
-             tokens=torch.full((B, Tn), pad_id), mask=torch.zeros(B, Tn), old_logp=torch.zeros(B, Tn),
-             ref_logp=torch.zeros(B, Tn), adv=torch.tensor([r[3] for r in rows], dtype=torch.float32))
-    for i, (p, toks, lp, _, rl) in enumerate(rows):
+             tokens=torch.full((B, Tn), pad_id), mask=torch.zeros(B, Tn), **{key: torch.zeros(B, Tn) for key in keys},
+             adv=torch.tensor([r[2] for r in rows], dtype=torch.float32))
+    for i, (p, toks, _, lps) in enumerate(rows):
         b["prompt_ids"][i, Lp - len(p):] = torch.tensor(p)
         b["prompt_mask"][i, Lp - len(p):] = True
         b["tokens"][i, :len(toks)] = torch.tensor(toks)
         b["mask"][i, :len(toks)] = 1.0
-        b["old_logp"][i, :len(toks)] = lp
-        b["ref_logp"][i, :len(toks)] = rl
+        for key, lp in zip(keys, lps):
+            b[key][i, :len(toks)] = lp
     return {k: v.to(device) for k, v in b.items()}
 
 
@@ -285,15 +308,16 @@ def micro_batches(groups):
 
 
 @torch.no_grad()
-def add_ref_logp(groups):
+def add_logp(groups, net, key):
+    """Score every row's tokens with net (no grad, the trainer's dtype) into g[key]: ref_logp, or old_logp recomputed."""
     for mb in micro_batches(groups):
         b = collate(mb)
         with ctx:
-            ref = completion_logprobs(ref_model, b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"],
-                                      cfg.temperature if cfg.algo == "grpo" else 1.0).float().cpu()
+            lp = completion_logprobs(net, b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"],
+                                     cfg.temperature if cfg.algo == "grpo" else 1.0).float().cpu()
         i = 0
         for g in mb:
-            g["ref_logp"] = [ref[i + j, :len(t)] for j, t in enumerate(g["tokens"])]
+            g[key] = [lp[i + j, :len(t)] for j, t in enumerate(g["tokens"])]
             i += len(g["tokens"])
 
 
@@ -301,7 +325,7 @@ def sample_groups(items, step, k):
     """k rollouts for each (index, problem) -> one group per problem, with rewards and the raw rollout stats."""
     prompts = [encode(p["prompt"]) for _, p in items]
     seeds = [hash((cfg.seed, step, gi, j)) & 0x7FFFFFFF for gi, _ in items for j in range(k)]
-    with ctx:
+    with sample_ctx():
         ro = generate(model, prompts, k=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                       stop_ids=stops, pad_id=pad_id, seed=seeds, decode_fn=decode_fn)
     lens = ro.mask.sum(-1).long().tolist()
@@ -311,7 +335,7 @@ def sample_groups(items, step, k):
     rewards = [math_reward(t, items[r // k][1]["answer"], fallbacks, truncated=tr) for r, (t, tr) in enumerate(zip(texts, trunc))]
     correct = [math_reward(t, items[r // k][1]["answer"], fallbacks) for r, t in enumerate(texts)]  # ignores truncation
     groups = [dict(prompt=prompts[i], tokens=toks[i * k:(i + 1) * k], texts=texts[i * k:(i + 1) * k],
-                   old_logp=[ro.logp[r, :lens[r]].float().cpu() for r in range(i * k, (i + 1) * k)],
+                   sampler_logp=[ro.logp[r, :lens[r]].float().cpu() for r in range(i * k, (i + 1) * k)],
                    rewards=rewards[i * k:(i + 1) * k], answer=items[i][1]["answer"]) for i in range(len(items))]
     stats = dict(rewards=rewards, correct=correct, trunc=trunc, lens=lens)
     return groups, stats
@@ -341,18 +365,23 @@ def online_batch(step):
         rollouts += all_sum(len(more) * k)
         stats = {key: stats[key] + more_stats[key] for key in stats}
     kept = kept[:cfg.prompts_per_step // world]
+    std = None
+    if cfg.adv_scale == "batch":  # the std of every reward sampled this step, all ranks (TRL's scale_rewards="batch")
+        n, s1, s2 = (all_sum(sum(x ** p for x in stats["rewards"])) for p in (0, 1, 2))
+        std = max(s2 - s1 * s1 / n, 0.0) ** 0.5 / max(n - cfg.adv_unbiased, 1) ** 0.5
     for g in kept:
         r = torch.tensor(g["rewards"])
+        g["old_logp"] = g["sampler_logp"]  # replaced by add_logp with --old_logp=recompute
         if cfg.algo == "grpo":
-            g["adv"] = group_advantages(r, k, scale=cfg.adv_scale, unbiased=cfg.adv_unbiased).tolist()
+            g["adv"] = group_advantages(r, k, scale=cfg.adv_scale, unbiased=cfg.adv_unbiased, batch_std=std).tolist()
         else:  # online DPO: order the pair (chosen, rejected)
             order = [0, 1] if r[0] > r[1] else [1, 0]
-            for key in ("tokens", "texts", "old_logp", "rewards"):
+            for key in ("tokens", "texts", "old_logp", "sampler_logp", "rewards"):
                 g[key] = [g[key][i] for i in order]
             g["adv"] = [0.0, 0.0]
         g["ref_logp"] = [torch.zeros(len(t)) for t in g["tokens"]]
     if ref_model is not None:
-        add_ref_logp(kept)
+        add_logp(kept, ref_model, "ref_logp")
     stats.update(n_groups=n_groups, rollouts=rollouts)
     return kept, stats
 
@@ -365,21 +394,26 @@ def offline_batch(step):
                 for t in (it["chosen"], it["rejected"])]
         groups.append(dict(prompt=encode(it["prompt"]), tokens=pair, texts=[it["chosen"], it["rejected"]],
                            old_logp=[torch.zeros(len(t)) for t in pair], ref_logp=[torch.zeros(len(t)) for t in pair],
+                           sampler_logp=[torch.zeros(len(t)) for t in pair],
                            adv=[0.0, 0.0], rewards=[1.0, 0.0], answer=""))
-    add_ref_logp(groups)
+    add_logp(groups, ref_model, "ref_logp")
     lens = [len(t) for g in groups for t in g["tokens"]]
     return groups, dict(rewards=[], correct=[], trunc=[], lens=lens, n_groups=len(groups), rollouts=0)
 
 
-def compute_loss(b, norm):
-    """Loss of one micro-batch, already divided by the mini-batch normaliser `norm` (summed over ranks)."""
+def compute_loss(b, norm, first):
+    """Loss of one micro-batch, already divided by the mini-batch normaliser `norm` (summed over ranks).
+    first: the first mini-batch of the step, where the trainer is still the sampling policy: measure the mismatch."""
     with ctx:
         logp, ent = completion_logprobs(train_model, b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"],
                                         cfg.temperature if cfg.algo == "grpo" else 1.0, entropy=True)
     logp = logp.float()
     if cfg.algo == "grpo":
         loss, m = grpo_loss(logp, b["old_logp"], b["adv"], b["mask"], cfg.clip_low, cfg.clip_high, cfg.agg, norm,
-                            cfg.max_new_tokens, b["ref_logp"] if cfg.kl_coef > 0 else None, cfg.kl_coef)
+                            cfg.max_new_tokens, b["ref_logp"] if cfg.kl_coef > 0 else None, cfg.kl_coef,
+                            cfg.dual_clip, b["sampler_logp"], cfg.tis_cap)
+        if first:  # 0 by construction with fp32 sampling and the sampler's old_logp
+            m.update(sampler_mismatch(b["sampler_logp"], logp.detach(), b["mask"]))
     else:  # rows alternate chosen, rejected; DPO compares summed sequence log-probs (Eq. 9)
         s, ref = seq_logp(logp, b["mask"]), seq_logp(b["ref_logp"], b["mask"])
         loss, m = dpo_loss(s[0::2], s[1::2], ref[0::2], ref[1::2], cfg.beta, cfg.label_smoothing, cfg.ipo)
@@ -436,13 +470,16 @@ for step in range(start, cfg.num_steps + 1):
     # ---- updates: one optimizer step per mini-batch, gradient accumulation over micro-batches
     mets = []
     gnorm = 0.0
-    for u in range(n_updates):
-        mb = groups[u * len(groups) // n_updates:(u + 1) * len(groups) // n_updates]
+    minis = [groups[u * len(groups) // n_updates:(u + 1) * len(groups) // n_updates] for u in range(n_updates)]
+    if cfg.old_logp == "recompute":  # pi_old from the trainer's own forward, micro-batched as the updates below
+        for mb in minis:
+            add_logp(mb, train_model, "old_logp")
+    for u, mb in enumerate(minis):
         norm = mini_batch_norm(mb)
         if norm == 0:
             continue  # every group of this mini-batch (on every rank) was dropped: nothing to learn from
         for micro in micro_batches(mb):
-            loss, m = compute_loss(collate(micro), norm)
+            loss, m = compute_loss(collate(micro), norm, u == 0)
             loss.backward()
             mets.append(m)
         # sum gradients over ranks (each rank's loss is already divided by the global normaliser); a rank with an
@@ -464,19 +501,25 @@ for step in range(start, cfg.num_steps + 1):
     state["step"] = step + 1
     state["rollouts"] += stats["rollouts"]
     state["wall"] += t2 - t0
-    # every logged number is over all ranks; metrics are averaged over micro-batches
-    avg = lambda key: all_sum(sum(m.get(key, 0.0) for m in mets)) / max(1, all_sum(len(mets)))
+    # every logged number is over all ranks; metrics are averaged over the micro-batches that have them
+    avg = lambda key: all_sum(sum(m[key] for m in mets if key in m)) / max(1, all_sum(sum(key in m for m in mets)))
     mean = lambda xs: all_sum(sum(xs)) / max(1, all_sum(len(xs)))
+    mm_max = all_sum(max([m["mismatch_max"] for m in mets if "mismatch_max" in m], default=0.0), dist.ReduceOp.MAX)
     log = dict(reward=mean(stats["rewards"]), acc=mean(stats["correct"]), trunc=mean(stats["trunc"]),
                len=mean(stats["lens"]), zero_var=1 - all_sum(len(groups)) / max(1, all_sum(stats["n_groups"])),
                clip_low=avg("clipfrac_low"), clip_high=avg("clipfrac_high"), kl=avg("approx_kl"), kl_ref=avg("kl_ref"),
+               clip_dual=avg("clipfrac_dual"), tis=avg("tis_mean"), tis_capped=avg("tis_capped"),
+               mismatch=avg("mismatch_mean"), mismatch_max=mm_max, mismatch_k3=avg("mismatch_k3"),
                entropy=avg("entropy"), dpo_acc=avg("reward_acc"), margin=avg("reward_margin"), gnorm=gnorm,
                lr=scheduler.get_last_lr()[0], roll_s=t1 - t0, train_s=t2 - t1,
                tok_s=all_sum(sum(stats["lens"])) / max(t1 - t0, 1e-9), rollouts=state["rollouts"],
                wall_min=state["wall"] / 60)
     shown = ["reward", "acc", "zero_var", "trunc", "len"] + (
         ["clip_low", "clip_high", "kl", "entropy"] if cfg.algo == "grpo" else ["dpo_acc", "margin", "entropy"])
-    print0(f"step {step:04d}/{cfg.num_steps:04d} | " + " | ".join(f"{key} {log[key]:.3f}" for key in shown) +
+    shown += (["clip_dual"] if cfg.dual_clip else []) + (["tis", "tis_capped"] if cfg.tis_cap else [])
+    # sampler vs trainer log-probs on the first mini-batch: |diff| mean and max, k3 KL(sampler || trainer)
+    mism = f" | mismatch {log['mismatch']:.1e} max {mm_max:.1e} k3 {log['mismatch_k3']:.1e}" if cfg.algo == "grpo" else ""
+    print0(f"step {step:04d}/{cfg.num_steps:04d} | " + " | ".join(f"{key} {log[key]:.3f}" for key in shown) + mism +
            f" | gnorm {gnorm:.2f} | lr {log['lr']:.1e} | roll {log['roll_s']:.1f}s | train {log['train_s']:.1f}s | "
            f"tok/s {log['tok_s']:.0f} | rollouts {state['rollouts']} | {log['wall_min']:.1f} min")
     if cfg.wandb and master:
