@@ -127,84 +127,111 @@ def prefill_prompts(model, prompts, pad_id, device):
     return ids, valid, kv, h[:, -1]
 
 
+def sample_step(logits, u, done, stop, pad_id, temperature, top_k, top_p):
+    """Each row's next token from logits (B, V) with its uniform u (B,); rows already done (B,) get pad_id and logp 0.
+    Returns tok (B,), logp (B,), done after this token (a stop id from stop (n_stop,) was sampled)."""
+    tok, lp = sample(logits, temperature, top_k, top_p, u)
+    tok, lp = torch.where(done, pad_id, tok), torch.where(done, 0.0, lp)
+    return tok, lp, done | (tok[:, None] == stop).any(-1)  # not torch.isin: it may sync
+
+
+def decode_step(model, tok, pos, valid, cache, slot, u, done, stop, pad_id, temperature, top_k, top_p):
+    """Feed tok (B,) at RoPE positions pos (B,) into cache column slot, then sample_step on the logits. valid (B, W):
+    key columns that hold tokens (those past slot are masked here). slot is a 0-dim tensor and the cache is written
+    with index_copy_, so one compiled graph (make_compiled_decode) serves every step."""
+    mask = (valid & (torch.arange(valid.size(1), device=valid.device) <= slot))[:, None, None]  # (B, 1, 1, W)
+    logits = model(tok[:, None], pos[:, None], mask, cache, slot)[:, -1].float()  # (B, V)
+    return sample_step(logits, u, done, stop, pad_id, temperature, top_k, top_p)
+
+
+def make_compiled_decode(device):
+    """decode_step compiled whole (fullgraph, static shapes): inductor on CPU, CUDA graphs (reduce-overhead) on CUDA.
+    generate runs it on the full-width cache and never drops rows; the eager decode_step is its reference."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+
+def _host(x):
+    """Every device-to-host read of the sampler (a sync on GPU) goes through here, so tests can count them."""
+    return x.cpu()
+
+
 @torch.no_grad()
 def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), pad_id=0,
-             seed=0, sync_every=None, decode_fn=None):
+             seed=0, sync_every=None, decode_fn=None, mem_budget=None):
     """prompts: list of P token-id lists (ragged). Returns a Rollout with B = P * k rows (see module docstring).
     seed: an int, or a list of B ints, one per row. Each row draws its own noise from its own seed, so a row's sample
-    does not depend on which other rows share the batch (same result split over DDP ranks, or prompt by prompt).
+    does not depend on which other rows share the batch (same result split over DDP ranks, chunks, or prompts).
     sync_every: check "all rows stopped" every this many steps (default 1 on CPU, 16 on GPU).
-    decode_fn: an optional compiled replacement for `decode_one` (same signature), e.g. from make_compiled_decode."""
-    device = model.embed_tokens.weight.device
-    dtype = model.embed_tokens.weight.dtype
-    cfg = model.cfg
-    P = len(prompts)
+    decode_fn: make_compiled_decode's compiled decode_step; None: the eager decode_step, dropping finished rows.
+    mem_budget: bytes the KV cache may take. Prompts are generated in chunks of whole prompts (k rows each) that fit
+    it, at least one prompt a chunk; None: one chunk."""
+    device, cfg = model.embed_tokens.weight.device, model.cfg
+    P, n = len(prompts), max_new_tokens
     B = P * k
     seeds = [hash((seed, r)) & 0x7FFFFFFF for r in range(B)] if isinstance(seed, int) else list(seed)
     assert len(seeds) == B, f"need one seed per row ({B}), got {len(seeds)}"
-    noise = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    noise = noise.to(device)  # (B, max_new_tokens): row r's uniforms, drawn on CPU so every device agrees
+    L = max(map(len, prompts), default=0)  # the widest layout: a chunk's Lp is at most its longest prompt
+    row_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (L + n) * model.embed_tokens.weight.element_size()
+    per = max(1, int(mem_budget // (k * row_bytes))) if mem_budget else max(P, 1)  # prompts a chunk
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    ro = Rollout(torch.full((B, L), pad_id, device=device), torch.zeros((B, L), dtype=torch.bool, device=device),
+                 torch.full((B, n), pad_id, device=device), *torch.zeros((2, B, n), device=device), [])
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    sync_every = sync_every or (1 if device.type == "cpu" else 16)
+    for i in range(0, P, per):
+        r = slice(i * k, min(i + per, P) * k)
+        ids, valid, *out = _generate_chunk(model, prompts[i:i + per], k, seeds[r], n, stop, pad_id, temperature, top_k,
+                                           top_p, sync_every, decode_fn)
+        ro.prompt_ids[r, L - ids.size(1):], ro.prompt_mask[r, L - ids.size(1):] = ids, valid  # left-padded to L
+        ro.tokens[r], ro.logp[r], ro.mask[r], done[r] = out
+    h = _host(torch.cat([done, ro.mask.any(0)]))  # (B + n,) which rows stopped, which columns any row reached
+    Tn = int(h[B:].nonzero().max()) + 1 if h[B:].any() else 0  # drop columns no row reached
+    return Rollout(ro.prompt_ids, ro.prompt_mask, ro.tokens[:, :Tn], ro.mask[:, :Tn], ro.logp[:, :Tn],
+                   ["eos" if e else "length" for e in h[:B].tolist()])
+
+
+def _generate_chunk(model, prompts, k, seeds, n, stop, pad_id, temperature, top_k, top_p, sync_every, decode_fn):
+    """generate's work for one chunk -> ids (B, Lp), valid (B, Lp), tokens (B, n), logp (B, n), mask (B, n), done (B,)."""
+    device, cfg, B = model.embed_tokens.weight.device, model.cfg, len(seeds)
+    noise = torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    noise = noise.to(device)  # (B, n): row r's uniforms, drawn on CPU so every device agrees
     # prefill: the shared prefix once, the rest of each unique prompt once, then fork the cache into k rows
     ids, valid, kv, h = prefill_prompts(model, prompts, pad_id, device)
-    logits = linear(h, model.lm_head).float()  # (P, V): logits of the last prompt position only
-    Lp = ids.size(1)
-    S = Lp + max_new_tokens
-    cache = KVCache(cfg, B, S, device, dtype)
+    ids, valid, Lp = ids.repeat_interleave(k, 0), valid.repeat_interleave(k, 0), ids.size(1)
+    S = -(-(Lp + n) // 64) * 64  # cache width, rounded up so the compiled step meets few distinct shapes
+    cache = KVCache(cfg, B, S, device, model.embed_tokens.weight.dtype)
     for i in range(cfg.n_layers):
         cache.k[i, :, :, :Lp] = kv.k[i].repeat_interleave(k, dim=0)
         cache.v[i, :, :, :Lp] = kv.v[i].repeat_interleave(k, dim=0)
     del kv
-    logits = logits.repeat_interleave(k, dim=0)  # (B, V): each row samples its own first token
-    kv_valid = torch.cat([valid.repeat_interleave(k, 0), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
-    next_pos = valid.sum(-1).repeat_interleave(k)  # (B,) position of the first completion token
-
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    mask = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    logits = linear(h, model.lm_head).float().repeat_interleave(k, 0)  # (B, V): each row samples its own first token
+    kv_valid = F.pad(valid, (0, S - Lp), value=True)  # (B, S): completion columns hold tokens once written
+    pos = valid.sum(-1)  # (B,) RoPE position of the first completion token
+    slots = torch.arange(Lp, S, device=device)  # cache column of each completion token (0-dim views)
+    tokens = torch.full((B, n), pad_id, dtype=torch.long, device=device)
+    logp, mask = torch.zeros((2, B, n), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    hit_eos = torch.zeros(B, dtype=torch.bool, device=device)
-    sync_every = sync_every or (1 if device.type == "cpu" else 16)
-    decode = decode_fn or decode_one
-    rows = torch.arange(B, device=device)  # decode row i writes output row rows[i]; eager mode drops finished rows
-    for t in range(max_new_tokens):
-        tok, lp = sample(logits, temperature, top_k, top_p, noise[rows, t])  # (b,), (b,)
-        alive = ~done[rows]
-        tokens[rows, t] = torch.where(alive, tok, pad_id)
-        logp[rows, t] = torch.where(alive, lp, 0.0)
-        mask[rows, t] = alive.float()
-        is_stop = alive & torch.isin(tok, stop)
-        hit_eos[rows] |= is_stop
-        done[rows] |= is_stop
-        if t == max_new_tokens - 1:
-            break
-        if (t + 1) % sync_every == 0:  # the only host syncs: stop early, and shrink the batch as rows finish
-            n_alive = int(alive.sum()) - int(is_stop.sum())
-            if n_alive == 0:
-                break
-            if decode_fn is None and n_alive <= 0.75 * len(rows):  # RL rollouts are mostly short: ~2x less decode
-                keep = (~done[rows]).nonzero()[:, 0]
-                rows, logits = rows[keep], logits[keep]
-                cache.keep_rows(keep)
-        # feed the token at column Lp + t; a static-width mask keeps shapes fixed for compiled decode
-        width = S if decode_fn is not None else Lp + t + 1
-        step_mask = kv_valid[rows, None, None, :width] & (torch.arange(width, device=device) <= Lp + t)
-        logits = decode(model, tokens[rows, t:t + 1], (next_pos[rows] + t)[:, None], step_mask, cache, Lp + t)
-    Tn = int(mask.sum(0).nonzero().max()) + 1 if mask.any() else 1  # drop columns no row reached
-    finish = ["eos" if e else "length" for e in hit_eos.tolist()]
-    return Rollout(ids.repeat_interleave(k, 0), valid.repeat_interleave(k, 0), tokens[:, :Tn], mask[:, :Tn],
-                   logp[:, :Tn], finish)
-
-
-def decode_one(model, tok, pos, mask, cache, slot):
-    """One decode step: tok (B, 1) at RoPE positions pos (B, 1) and cache column slot -> next logits (B, V) fp32."""
-    return model(tok, pos, mask, cache, slot)[:, -1].float()
-
-
-def make_compiled_decode():
-    """A torch.compile'd decode step for CUDA (CUDA graphs via reduce-overhead). The eager decode_one stays the
-    reference it is tested against."""
-    return torch.compile(decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    rows = torch.arange(B, device=device)  # decode row i is output row rows[i]; the eager path drops finished rows
+    for t in range(n):
+        if t == 0:
+            out = sample_step(logits, noise[:, 0], done, stop, pad_id, temperature, top_k, top_p)
+        else:
+            if t % sync_every == 0:  # the loop's only host read: stop once every row is done
+                live = _host(~done[rows])  # (b,)
+                if not live.any():
+                    break
+                if decode_fn is None and live.sum() <= 0.75 * len(live):  # RL rollouts are mostly short: ~2x less decode
+                    keep = live.nonzero()[:, 0].to(device)
+                    rows = rows[keep]
+                    cache.keep_rows(keep)
+            width = S if decode_fn else Lp + t  # compiled: one static width; eager: the keys written so far
+            out = (decode_fn or decode_step)(model, tokens[rows, t - 1], pos[rows] + t - 1, kv_valid[rows, :width],
+                                             cache, slots[t - 1], noise[rows, t], done[rows], stop, pad_id,
+                                             temperature, top_k, top_p)
+        mask[rows, t] = (~done[rows]).float()
+        tokens[rows, t], logp[rows, t], done[rows] = out
+    return ids, valid, tokens, logp, mask, done
 
 
 def _hidden_plain(model, prompt_ids, prompt_mask, tokens):
@@ -279,6 +306,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperatur
     CPU, where a bucket of ~128 tokens still runs near the matmul peak; 4096 elsewhere, a guess: never measured).
     Logits are made chunk_tokens tokens at a time so (B, Tn, V) fp32 logits never exist whole."""
     B, Tn = tokens.shape
+    if B == 0:  # no rows (e.g. a DDP rank with nothing to score): empty results of the same shapes
+        return (mask.new_zeros(0, Tn),) * 2 if entropy else mask.new_zeros(0, Tn)
     Tk = int(mask.sum(0).nonzero().max()) + 1 if mask.any() else 1  # drop columns past every row's end
     if share_prompts:
         overhead = bucket_overhead if bucket_overhead is not None else 128 if tokens.device.type == "cpu" else 4096

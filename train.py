@@ -200,7 +200,7 @@ except (ValueError, FileNotFoundError) as e:
 model.train()
 model.gradient_checkpointing = cfg.grad_ckpt
 train_model = torch.compile(model, dynamic=True) if cfg.compile else model  # `model` stays the raw module
-decode_fn = make_compiled_decode() if cfg.compile and device.type == "cuda" else None
+decode_fn = make_compiled_decode(device) if cfg.compile and device.type == "cuda" else None
 stops = stop_token_ids(tok, model.cfg)
 pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
 fallbacks = tuple(cfg.fallbacks.split(","))

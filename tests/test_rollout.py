@@ -5,7 +5,7 @@ import torch
 
 from conftest import chat_ids
 from model import KVCache, from_pretrained, stop_token_ids
-from rollout import attn_mask, completion_logprobs, decode_one, generate, left_pad, length_buckets, shared_prefix_len
+from rollout import attn_mask, completion_logprobs, generate, left_pad, length_buckets, shared_prefix_len
 
 QUESTIONS = ["What is 7 + 12?", "Compute 23 + 5 and put the final answer in \\boxed{}.", "Hi",
              "Name three colours, then say which one you like best and why."]
@@ -32,7 +32,7 @@ def test_cached_decode_equals_uncached_forward(tiny):
         out = [model(ids, fpos[:, :Lp], attn_mask(fvalid[:, :Lp], 0, Lp), cache, 0)[:, -1]]
         for t in range(cont.size(1)):
             m = attn_mask(fvalid[:, :Lp + t + 1], Lp + t, 1)
-            out.append(decode_one(model, cont[:, t:t + 1], fpos[:, Lp + t:Lp + t + 1], m, cache, Lp + t))
+            out.append(model(cont[:, t:t + 1], fpos[:, Lp + t:Lp + t + 1], m, cache, Lp + t)[:, -1])
     ref_rows = ref[:, Lp - 1:]  # logits after the prompt and after each continuation token
     for t, o in enumerate(out):
         assert (o - ref_rows[:, t]).abs().max() <= 1e-4
@@ -230,3 +230,25 @@ def test_rows_do_not_depend_on_batch_composition(smol):
         n = alone.tokens.size(1)
         assert batch.tokens[2 * p:2 * p + 2, :n].tolist() == alone.tokens.tolist()
         assert (batch.logp[2 * p:2 * p + 2, :n] - alone.logp).abs().max() <= 1e-4
+
+
+def test_empty_inputs_are_no_ops(tiny):
+    model, tok = tiny
+    ro = generate(model, [], k=2, max_new_tokens=8)
+    assert ro.tokens.shape == (0, 0) and ro.prompt_ids.size(0) == 0 and ro.finish == []
+    logp, ent = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, entropy=True)
+    assert logp.shape == ent.shape == (0, 0)
+
+
+def test_chunked_generation_equals_one_chunk(tiny):
+    """A KV memory budget of one prompt's rows splits generation into chunks; tokens and logp are unchanged."""
+    model, tok = tiny
+    prompts = chat_ids(tok, ["a", "a longer prompt", "mid one"])
+    one = generate(model, prompts, k=2, max_new_tokens=10, seed=4, stop_ids=[5, 9])
+    cfg = model.cfg
+    row = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (max(map(len, prompts)) + 10) * 4
+    chunked = generate(model, prompts, k=2, max_new_tokens=10, seed=4, stop_ids=[5, 9], mem_budget=2 * row)
+    assert torch.equal(one.tokens, chunked.tokens) and (one.logp - chunked.logp).abs().max() <= 1e-5
+    assert one.finish == chunked.finish and torch.equal(one.mask, chunked.mask)
+    lp = completion_logprobs(model, chunked.prompt_ids, chunked.prompt_mask, chunked.tokens, chunked.mask)
+    assert (lp - chunked.logp).abs().max() <= 1e-4
