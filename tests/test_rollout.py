@@ -205,12 +205,12 @@ def test_compiled_decode_equals_eager_cuda(tiny):
     model = model.cuda()
     prompts = chat_ids(tok, ["hello", "a longer prompt here"])
     eager = generate(model, prompts, k=2, max_new_tokens=16, temperature=0)
-    fast = generate(model, prompts, k=2, max_new_tokens=16, temperature=0, decode_fn=make_compiled_decode())
+    fast = generate(model, prompts, k=2, max_new_tokens=16, temperature=0, decode_fn=make_compiled_decode("cuda"))
     assert torch.equal(eager.tokens, fast.tokens)
     assert (eager.logp - fast.logp).abs().max() <= 1e-4
     with torch.no_grad():  # compiled graphs must read live weights, not a snapshot
         model.lm_head.weight.mul_(-1)
-    flipped = generate(model, prompts, k=2, max_new_tokens=16, temperature=0, decode_fn=make_compiled_decode())
+    flipped = generate(model, prompts, k=2, max_new_tokens=16, temperature=0, decode_fn=make_compiled_decode("cuda"))
     assert not torch.equal(flipped.tokens, fast.tokens)
 
 
