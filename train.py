@@ -50,6 +50,7 @@ class Config:
     label_smoothing: float = 0.0          # conservative DPO
     ipo: bool = False                     # IPO loss instead of sigmoid DPO
     resample: bool = False                # 2-GRPO+RS: replace zero-variance groups with fresh prompts
+    norm_dropped: bool = False            # count dropped groups' rows in the loss divisor, as verl/TRL (loss.py item 4)
     rs_max_k: int = 16                    # RS budget: at most prompts_per_step * rs_max_k rollouts a step (16-GRPO's)
     # batch sizes, in prompts (or pairs)
     prompts_per_step: int = 32            # generation batch
@@ -116,6 +117,12 @@ try:
     if cfg.prompts_per_step % cfg.prompts_per_update:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of "
                          f"prompts_per_update={cfg.prompts_per_update}")
+    if cfg.resample and cfg.algo == "grpo" and cfg.kl_coef > 0:
+        raise ValueError("--resample=True with --kl_coef>0: with a KL term no group is dropped, so RS would refill "
+                         "nothing; use one or the other")
+    if cfg.norm_dropped and (cfg.resample or cfg.algo == "dpo_offline" or (cfg.algo == "grpo" and cfg.kl_coef > 0)):
+        raise ValueError("--norm_dropped=True counts dropped groups, but with --resample they are refilled and with "
+                         "dpo_offline or --kl_coef>0 none are dropped; drop --norm_dropped")
     if cfg.train_n < 0 or (cfg.train_n and cfg.algo == "dpo_offline"):
         raise ValueError(f"--train_n={cfg.train_n}: a number of training problems >= 0 (0 = all); dpo_offline reads "
                          "every preference pair, drop --train_n there")
@@ -203,6 +210,11 @@ train_model = torch.compile(model, dynamic=True) if cfg.compile else model  # `m
 decode_fn = make_compiled_decode(device) if cfg.compile and device.type == "cuda" else None
 stops = stop_token_ids(tok, model.cfg)
 pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+if cfg.algo == "dpo_offline":  # a preference response ends as the chat template ends an assistant turn (Qwen base
+    # models: <|im_end|>, while their tokenizer's eos, stops[0], is <|endoftext|>)
+    turn = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                   tokenize=True, return_dict=True)["input_ids"]
+    end_of_turn = next((i for i in turn[len(chat_ids(tok, "q")):] if i in stops), stops[0])
 fallbacks = tuple(cfg.fallbacks.split(","))
 print0(f"model: {cfg.model} ({model.num_params() / 1e6:.1f}M params) on {device}, {world} rank(s); "
        f"{len(train_items)} training items, {len(eval_problems)} held-out problems")
@@ -225,6 +237,12 @@ if cfg.resume and os.path.exists(ckpt_path):
     except Exception as e:  # one line: load_checkpoint's own message, or the first line of torch's
         why = (str(e).strip().splitlines() or [""])[0]
         die(f"cannot resume from {ckpt_path} ({type(e).__name__}: {why}); delete it to start over, or restore a backup")
+    # the optimizer's state restores its own lr and weight decay: a changed value would be silently ignored
+    changed = [f"--{key}={getattr(cfg, key)} (checkpoint: {v})" for key, v in ckpt.get("config", {}).items()
+               if key in ("lr", "weight_decay") and v != getattr(cfg, key)]
+    if changed:
+        die(f"--resume from {ckpt_path} with {', '.join(changed)}: the restored optimizer would keep the checkpoint's "
+            "value; resume with it, or start a new out_dir")
     print0(f"resumed from {ckpt_path} at step {state['step']}")
 
 
@@ -256,7 +274,8 @@ def encode(prompt):
 
 
 def next_items(n):
-    """The next n items of the training stream (reshuffled each epoch), as (global index, item); this rank's share."""
+    """The next n items of the training stream (reshuffled each epoch), as (global index, item); this rank's share
+    (empty on some ranks when n < world: every caller must accept an empty list)."""
     out = []
     for _ in range(n):
         epoch, i = divmod(state["data_pos"], len(train_items))
@@ -273,6 +292,18 @@ def all_sum(x, op=dist.ReduceOp.SUM):
     t = torch.tensor(float(x), dtype=torch.float64)
     dist.all_reduce(t, op)
     return t.item()
+
+
+def gather(groups):
+    """Every rank's groups, in global prompt order: each rank then splits the same list as one process would."""
+    if ddp:
+        parts = [None] * world
+        dist.all_gather_object(parts, groups)  # tensors in groups are on the CPU: works on gloo and nccl
+        groups = [g for part in parts for g in part]
+    return sorted(groups, key=lambda g: g["idx"])
+
+
+ROW_KEYS = ("tokens", "texts", "old_logp", "sampler_logp", "adv", "ref_logp", "rewards")  # a group's per-row lists
 
 
 def collate(groups):
@@ -295,15 +326,25 @@ def collate(groups):
 
 
 def micro_batches(groups):
-    """Split groups into micro-batches of about token_budget padded tokens; similar lengths together, less padding."""
-    groups = sorted(groups, key=lambda g: len(g["prompt"]) + max(len(t) for t in g["tokens"]))
-    out, cur = [], []
+    """Split groups into micro-batches of at most token_budget padded tokens (as collate pads them), similar lengths
+    together. A GRPO group that alone exceeds the budget is cut into row chunks ("parent", "row0" say where they came
+    from): once adv is set its rows are independent. A DPO pair stays whole (its loss compares the two rows)."""
+    width = lambda g: len(g["prompt"]) + max(len(t) for t in g["tokens"])
+    pieces = []
     for g in groups:
-        width = len(g["prompt"]) + max(len(t) for t in g["tokens"])
-        if cur and (len(cur) + 1) * len(g["tokens"]) * width > cfg.token_budget:
+        n = len(g["tokens"])
+        rows = max(1, min(n, cfg.token_budget // width(g))) if cfg.algo == "grpo" else n
+        pieces += [g] if rows == n else [dict(g, parent=g, row0=lo, **{key: g[key][lo:lo + rows] for key in ROW_KEYS})
+                                         for lo in range(0, n, rows)]
+    out, cur = [], []
+    for p in sorted(pieces, key=width):
+        new = cur + [p]
+        padded = sum(len(q["tokens"]) for q in new) * (max(len(q["prompt"]) for q in new) +
+                                                        max(len(t) for q in new for t in q["tokens"]))
+        if cur and padded > cfg.token_budget:
             out.append(cur)
-            cur = []
-        cur.append(g)
+            new = [p]
+        cur = new
     return out + [cur] if cur else out
 
 
@@ -316,13 +357,17 @@ def add_logp(groups, net, key):
             lp = completion_logprobs(net, b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"],
                                      cfg.temperature if cfg.algo == "grpo" else 1.0).float().cpu()
         i = 0
-        for g in mb:
-            g[key] = [lp[i + j, :len(t)] for j, t in enumerate(g["tokens"])]
-            i += len(g["tokens"])
+        for p in mb:  # a row chunk writes into its parent group
+            for j, t in enumerate(p["tokens"]):
+                p.get("parent", p)[key][p.get("row0", 0) + j] = lp[i + j, :len(t)]
+            i += len(p["tokens"])
 
 
 def sample_groups(items, step, k):
-    """k rollouts for each (index, problem) -> one group per problem, with rewards and the raw rollout stats."""
+    """k rollouts for each (index, problem) -> one group per problem, with rewards, `keep` (informative: its rewards
+    differ, or a KL term gives it a gradient) and the raw rollout stats."""
+    if not items:  # this rank's share of a small RS refill can be empty
+        return [], dict(rewards=[], correct=[], trunc=[], lens=[])
     prompts = [encode(p["prompt"]) for _, p in items]
     seeds = [hash((cfg.seed, step, gi, j)) & 0x7FFFFFFF for gi, _ in items for j in range(k)]
     with sample_ctx():
@@ -334,44 +379,38 @@ def sample_groups(items, step, k):
     trunc = [f == "length" for f in ro.finish]
     rewards = [math_reward(t, items[r // k][1]["answer"], fallbacks, truncated=tr) for r, (t, tr) in enumerate(zip(texts, trunc))]
     correct = [math_reward(t, items[r // k][1]["answer"], fallbacks) for r, t in enumerate(texts)]  # ignores truncation
-    groups = [dict(prompt=prompts[i], tokens=toks[i * k:(i + 1) * k], texts=texts[i * k:(i + 1) * k],
+    keep = informative_groups(torch.tensor(rewards), k).tolist()
+    groups = [dict(idx=gi, prompt=prompts[i], tokens=toks[i * k:(i + 1) * k], texts=texts[i * k:(i + 1) * k],
                    sampler_logp=[ro.logp[r, :lens[r]].float().cpu() for r in range(i * k, (i + 1) * k)],
-                   rewards=rewards[i * k:(i + 1) * k], answer=items[i][1]["answer"]) for i in range(len(items))]
+                   rewards=rewards[i * k:(i + 1) * k], answer=p["answer"],
+                   keep=keep[i] or (cfg.algo == "grpo" and cfg.kl_coef > 0)) for i, (gi, p) in enumerate(items)]
     stats = dict(rewards=rewards, correct=correct, trunc=trunc, lens=lens)
     return groups, stats
 
 
 def online_batch(step):
-    """GRPO-k / 2-GRPO(+RS) / online DPO: sample, score, keep informative groups, set advantages."""
+    """GRPO-k / 2-GRPO(+RS) / online DPO: sample, score, keep informative groups (all with norm_dropped), set
+    advantages. Returns this rank's groups."""
     k = cfg.k
     groups, stats = sample_groups(next_items(cfg.prompts_per_step), step, k)
-    n_groups = len(groups)
-
-    def informative(gs):
-        if cfg.algo == "grpo" and cfg.kl_coef > 0:
-            return gs  # with a KL term every group has a gradient
-        keep = informative_groups(torch.tensor([r for g in gs for r in g["rewards"]]), k).tolist() if gs else []
-        return [g for g, kp in zip(gs, keep) if kp]
-
-    kept = informative(groups)
-    rollouts = all_sum(n_groups * k)
+    rollouts = all_sum(len(groups) * k)
     while cfg.resample:  # 2-GRPO+RS: refill dropped groups with fresh prompts, within 16-GRPO's rollout budget
-        missing = cfg.prompts_per_step - int(all_sum(len(kept)))
+        missing = cfg.prompts_per_step - int(all_sum(sum(g["keep"] for g in groups)))
         if missing <= 0 or rollouts + missing * k > cfg.prompts_per_step * cfg.rs_max_k:
             break
         more, more_stats = sample_groups(next_items(missing), step, k)
-        kept += informative(more)
-        n_groups += len(more)
+        groups += more
         rollouts += all_sum(len(more) * k)
         stats = {key: stats[key] + more_stats[key] for key in stats}
-    kept = kept[:cfg.prompts_per_step // world]
+    stats.update(n_groups=len(groups), rollouts=rollouts)
+    groups = [g for g in groups if g["keep"] or cfg.norm_dropped]
     std = None
     if cfg.adv_scale == "batch":  # the std of every reward sampled this step, all ranks (TRL's scale_rewards="batch")
         n, s1, s2 = (all_sum(sum(x ** p for x in stats["rewards"])) for p in (0, 1, 2))
         std = max(s2 - s1 * s1 / n, 0.0) ** 0.5 / max(n - cfg.adv_unbiased, 1) ** 0.5
-    for g in kept:
+    for g in groups:
         r = torch.tensor(g["rewards"])
-        g["old_logp"] = g["sampler_logp"]  # replaced by add_logp with --old_logp=recompute
+        g["old_logp"] = list(g["sampler_logp"])  # a copy: rewritten by add_logp with --old_logp=recompute
         if cfg.algo == "grpo":
             g["adv"] = group_advantages(r, k, scale=cfg.adv_scale, unbiased=cfg.adv_unbiased, batch_std=std).tolist()
         else:  # online DPO: order the pair (chosen, rejected)
@@ -381,18 +420,17 @@ def online_batch(step):
             g["adv"] = [0.0, 0.0]
         g["ref_logp"] = [torch.zeros(len(t)) for t in g["tokens"]]
     if ref_model is not None:
-        add_logp(kept, ref_model, "ref_logp")
-    stats.update(n_groups=n_groups, rollouts=rollouts)
-    return kept, stats
+        add_logp([g for g in groups if g["keep"]], ref_model, "ref_logp")
+    return groups, stats
 
 
 def offline_batch(step):
     """Offline DPO: the next prompts_per_step preference pairs from the jsonl."""
     groups = []
-    for _, it in next_items(cfg.prompts_per_step):
-        pair = [tok(t, add_special_tokens=False)["input_ids"][:cfg.max_new_tokens - 1] + [stops[0]]
+    for gi, it in next_items(cfg.prompts_per_step):
+        pair = [tok(t, add_special_tokens=False)["input_ids"][:cfg.max_new_tokens - 1] + [end_of_turn]
                 for t in (it["chosen"], it["rejected"])]
-        groups.append(dict(prompt=encode(it["prompt"]), tokens=pair, texts=[it["chosen"], it["rejected"]],
+        groups.append(dict(idx=gi, keep=True, prompt=encode(it["prompt"]), tokens=pair, texts=[it["chosen"], it["rejected"]],
                            old_logp=[torch.zeros(len(t)) for t in pair], ref_logp=[torch.zeros(len(t)) for t in pair],
                            sampler_logp=[torch.zeros(len(t)) for t in pair],
                            adv=[0.0, 0.0], rewards=[1.0, 0.0], answer=""))
@@ -423,10 +461,11 @@ def compute_loss(b, norm, first):
 
 
 def mini_batch_norm(groups):
+    """The loss divisor of a whole mini-batch, which every rank holds: its pairs (DPO, a mean over pairs) or loss_norm
+    of its rows. Dropped groups are among `groups` only with norm_dropped (loss.py item 4)."""
     if cfg.algo != "grpo":
-        return all_sum(len(groups))  # DPO: mean over pairs
-    n = loss_norm(collate(groups)["mask"], cfg.agg, cfg.max_new_tokens) if groups else 0.0
-    return all_sum(n)
+        return len(groups)
+    return loss_norm(collate(groups)["mask"], cfg.agg, cfg.max_new_tokens)
 
 
 get_batch = offline_batch if cfg.algo == "dpo_offline" else online_batch  # the algorithm is chosen once, here
@@ -463,6 +502,7 @@ for step in range(start, cfg.num_steps + 1):
     t0 = time.time()
     model.eval()
     groups, stats = get_batch(step)
+    groups = gather(groups)  # the global list, the same on every rank
     model.train()
     sync()
     t1 = time.time()
@@ -470,15 +510,17 @@ for step in range(start, cfg.num_steps + 1):
     # ---- updates: one optimizer step per mini-batch, gradient accumulation over micro-batches
     mets = []
     gnorm = 0.0
+    # split the global list as one process would, then give each rank a shard: DDP does not change the update
     minis = [groups[u * len(groups) // n_updates:(u + 1) * len(groups) // n_updates] for u in range(n_updates)]
+    shards = [[g for g in mb if g["keep"]][rank::world] for mb in minis]
     if cfg.old_logp == "recompute":  # pi_old from the trainer's own forward, micro-batched as the updates below
-        for mb in minis:
-            add_logp(mb, train_model, "old_logp")
+        for shard in shards:
+            add_logp(shard, train_model, "old_logp")
     for u, mb in enumerate(minis):
+        if not any(g["keep"] for g in mb):
+            continue  # every group of this mini-batch was dropped: nothing to learn from (same on every rank)
         norm = mini_batch_norm(mb)
-        if norm == 0:
-            continue  # every group of this mini-batch (on every rank) was dropped: nothing to learn from
-        for micro in micro_batches(mb):
+        for micro in micro_batches(shards[u]):
             loss, m = compute_loss(collate(micro), norm, u == 0)
             loss.backward()
             mets.append(m)
@@ -506,7 +548,7 @@ for step in range(start, cfg.num_steps + 1):
     mean = lambda xs: all_sum(sum(xs)) / max(1, all_sum(len(xs)))
     mm_max = all_sum(max([m["mismatch_max"] for m in mets if "mismatch_max" in m], default=0.0), dist.ReduceOp.MAX)
     log = dict(reward=mean(stats["rewards"]), acc=mean(stats["correct"]), trunc=mean(stats["trunc"]),
-               len=mean(stats["lens"]), zero_var=1 - all_sum(len(groups)) / max(1, all_sum(stats["n_groups"])),
+               len=mean(stats["lens"]), zero_var=1 - sum(g["keep"] for g in groups) / max(1, all_sum(stats["n_groups"])),
                clip_low=avg("clipfrac_low"), clip_high=avg("clipfrac_high"), kl=avg("approx_kl"), kl_ref=avg("kl_ref"),
                clip_dual=avg("clipfrac_dual"), tis=avg("tis_mean"), tis_capped=avg("tis_capped"),
                mismatch=avg("mismatch_mean"), mismatch_max=mm_max, mismatch_k3=avg("mismatch_k3"),
@@ -528,7 +570,7 @@ for step in range(start, cfg.num_steps + 1):
         bar.update(1)
         bar.set_postfix(reward=f"{log['reward']:.3f}", zero_var=f"{log['zero_var']:.2f}", refresh=False)
     if cfg.sample_every and step % cfg.sample_every == 0 and groups:
-        for g in groups[:2]:
+        for g in [g for g in groups if g["keep"]][:2]:
             print0(f"  sample | answer {g['answer']} | rewards {g['rewards']} | {g['texts'][0][:300]!r}")
 
 if bar is not None:

@@ -49,7 +49,7 @@ def params(out):
 @pytest.mark.parametrize("args", [
     ["--algo=grpo", "--k=2", "--grad_ckpt=True"],
     ["--algo=grpo", "--k=4", "--agg=token_mean", "--adv_unbiased=True", "--train_n=10"],
-    ["--algo=grpo", "--k=2", "--resample=True", "--kl_coef=0.05", "--agg=const"],
+    ["--algo=grpo", "--k=2", "--kl_coef=0.05", "--agg=const"],
     ["--algo=grpo", "--k=2", "--resample=True"],
     ["--algo=dpo", "--k=2"],
     ["--algo=dpo_offline", "--ipo=True"],
@@ -98,8 +98,104 @@ def test_ddp_two_processes_equal_one(setup, tmp_path):
         ga, gb = sa["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]
         assert (ga - gb).abs().max() <= 1e-3 * ga.abs().max() + 1e-12
     # parameters: equal up to Adam's sign-like step on float-noise-sized gradients (lr 1e-3)
-    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) <= 1e-4
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) <= 1e-4, max((a[k] - b[k]).abs().max().item() for k in a)
     assert steps(one)[0].split("| gnorm")[0] == steps(two)[0].split("| gnorm")[0]  # same rewards, stats
+
+
+@pytest.mark.parametrize("args", [
+    ["--k=2", "--resample=True", "--num_steps=3"],
+    ["--k=16", "--prompts_per_step=8", "--prompts_per_update=2", "--num_steps=2"],
+], ids=["2grpo_rs", "16grpo"])
+def test_ddp_equals_one_process_over_steps(setup, tmp_path, args):
+    """2 gloo ranks == 1 process over several steps and mini-batches: the global list of kept groups is split into
+    mini-batches as one process splits it, then sharded over ranks. With RS, refills of fewer prompts than ranks leave
+    a rank nothing to sample (it must not crash). Fails if each rank splits its own groups: a third of the problems
+    have an answer the model never says, so their groups are dropped, unevenly over the ranks."""
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}: say one", "answer": "7" if i % 3 == 0 else "1"}) + "\n"
+                            for i in range(40)))
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1, p2 = [run(setup, out, *args, f"--data={data}", torchrun=n) for out, n in ((one, 0), (two, 2))]
+    assert p1.returncode == 0 and p2.returncode == 0, p2.stderr[-3000:]
+    a, b = params(one), params(two)
+    # Adam moves float-noise-sized gradients by up to ~lr per update: 1e-4 is that noise, a wrong split is ~1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4, max((a[k] - b[k]).abs().max().item() for k in a)
+    # same rollouts and rewards (kl / entropy are micro-batch means, which the sharding changes)
+    assert [line.split("| clip_low")[0] for line in steps(one)] == [line.split("| clip_low")[0] for line in steps(two)]
+    assert len(torch.load(os.path.join(one, "ckpt.pt"), weights_only=False)["optimizer"]["state"]) > 0  # it trained
+
+
+# train.py under a recorder of every rollout.completion_logprobs call: rows, padded width, each row's last token
+RECORD = ("import json, os, runpy, sys, rollout\n"
+          "orig, calls = rollout.completion_logprobs, []\n"
+          "def rec(model, prompt_ids, prompt_mask, tokens, mask, *a, **k):\n"
+          "    n = mask.sum(1).long().tolist()\n"
+          "    calls.append(dict(B=len(tokens), width=prompt_ids.shape[1] + tokens.shape[1],\n"
+          "                      last=[int(tokens[i, n[i] - 1]) for i in range(len(n))]))\n"
+          "    return orig(model, prompt_ids, prompt_mask, tokens, mask, *a, **k)\n"
+          "rollout.completion_logprobs = rec\n"
+          "sys.argv = ['train.py'] + sys.argv[1:]\n"
+          "try:\n"
+          "    runpy.run_path('train.py', run_name='__main__')\n"
+          "finally:\n"
+          "    json.dump(calls, open(os.environ['CALLS'], 'w'))\n")
+
+
+def recorded(setup, out, *args, model=None):
+    base = [f"--model={model or setup['model']}", f"--data={setup['data']}", f"--out_dir={out}", "--eval_every=0",
+            "--prompts_per_step=4", "--prompts_per_update=4", "--max_new_tokens=12", "--num_steps=1", "--eval_n=2",
+            "--fallbacks=last_number", "--lr=1e-3", "--threads=1"]
+    p = subprocess.run([sys.executable, "-c", RECORD] + base + list(args), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "CALLS": str(out / "calls.json")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.load(open(out / "calls.json"))
+
+
+def test_micro_batches_split_a_group_over_the_token_budget(setup, tmp_path):
+    """A group of 8 rows (~62 tokens wide) with token_budget=200 is cut into row chunks of <= 200 padded tokens (kl_coef
+    puts the reference pass through micro_batches too), and the parameters equal one micro-batch per mini-batch."""
+    args = ["--k=8", "--kl_coef=0.05"]
+    small = recorded(setup, tmp_path / "small", *args, "--token_budget=200")
+    big = recorded(setup, tmp_path / "big", *args)
+    assert max(c["width"] for c in small) * 3 <= 200 and max(c["B"] * c["width"] for c in small) <= 200
+    assert max(c["B"] for c in big) >= 8  # without the budget a whole group (or more) is one call
+    a, b = params(tmp_path / "small"), params(tmp_path / "big")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_offline_dpo_ends_responses_with_the_end_of_turn_token(setup, tmp_path):
+    """The chat template closes an assistant turn with <|im_end|> (id 2); a tokenizer whose eos is another, lower id
+    (Qwen base models: <|endoftext|>) must not end the preference responses with it."""
+    import shutil
+    d = tmp_path / "model"
+    shutil.copytree(setup["model"], d)
+    tc = json.load(open(d / "tokenizer_config.json"))
+    json.dump({**tc, "eos_token": "<|im_start|>"}, open(d / "tokenizer_config.json", "w"))
+    calls = recorded(setup, tmp_path, "--algo=dpo_offline", f"--data={setup['prefs']}", model=d)
+    assert calls and all(t == 2 for c in calls for t in c["last"]), calls
+
+
+def test_norm_dropped_counts_dropped_rows_in_the_divisor(setup, tmp_path):
+    """seq_mean, one update: with --norm_dropped the gradient is the kept-rows-only gradient times kept / all groups
+    (verl/TRL: the divisor is every row of the mini-batch). Adam's first moment after one step is (1 - beta1) * grad."""
+    args = ["--num_steps=1", "--prompts_per_update=8", "--grad_clip=0"]
+    assert run(setup, tmp_path / "kept", *args).returncode == 0
+    p = run(setup, tmp_path / "all", *args, "--norm_dropped=True")
+    assert p.returncode == 0, p.stderr[-2000:]
+    zero_var = float(steps(tmp_path / "all")[0].split("zero_var ")[1].split()[0])
+    kept = round(8 * (1 - zero_var))
+    assert 0 < kept < 8 and steps(tmp_path / "all")[0].split("| clip_low")[0] == steps(tmp_path / "kept")[0].split("| clip_low")[0]
+    a, b = [torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["optimizer"]["state"] for d in ("kept", "all")]
+    for i in a:
+        ga, gb = a[i]["exp_avg"], b[i]["exp_avg"]
+        assert torch.allclose(gb, ga * kept / 8, rtol=1e-4, atol=1e-9 * ga.abs().max().item())
+
+
+def test_resume_refuses_a_changed_lr(setup, tmp_path):
+    """The restored optimizer keeps its own lr: a resume with another --lr is one error line, not a silent no-op."""
+    assert run(setup, tmp_path, "--num_steps=1").returncode == 0
+    line = one_error_line(run(setup, tmp_path, "--num_steps=2", "--resume", "--lr=2e-3"))
+    assert "--lr=0.002 (checkpoint: 0.001)" in line
 
 
 def test_crash_during_save_keeps_last_checkpoint(setup, tmp_path):
@@ -148,6 +244,8 @@ def one_error_line(p):
     (["--prompts_per_update=3"], "must be a multiple"),
     (["--train_n=-1"], "--train_n=-1: a number of training problems >= 0"),
     (["--train_n=8", "--algo=dpo_offline"], "dpo_offline reads every preference pair"),
+    (["--resample=True", "--kl_coef=0.05"], "with a KL term no group is dropped, so RS would refill nothing"),
+    (["--norm_dropped=True", "--resample=True"], "drop --norm_dropped"),
 ])
 def test_config_and_path_errors(setup, tmp_path, args, expect):
     assert expect in one_error_line(run(setup, tmp_path, *args))
