@@ -31,6 +31,10 @@ Conventions (and where they depart from the paper, verl or TRL):
    - "token_mean" (verl default "token-mean", TRL "dapo"): sum over all tokens / valid tokens in mini-batch.
    - "const" (Dr. GRPO, TRL "dr_grpo"): sum / (number of sequences * max_len).
    The paper does not say which mode its runs used; the default here follows its equations.
+   Divisor: by default over the KEPT rows of the mini-batch (zero-variance groups are dropped before the
+   forward); the paper's Eq. 18, verl and TRL count every row, dropped ones too (--norm_dropped=True), which
+   at a 70% drop rate makes 2-GRPO's gradient ~3x smaller. The default keeps every earlier result here
+   comparable; the flag reproduces the others' scale.
 8. Sampler/trainer mismatch: when old_logp is recomputed by the trainer (verl's compute_log_prob) the sampler's
    own log-probs differ by numerics (bf16 sampling, other kernels). sampler_mismatch measures it (mean/max
    |diff|, k3 KL(sampler || trainer) on the sampler's tokens). Truncated importance sampling (TIS, tis_cap=C,

@@ -15,6 +15,15 @@ One step follows the paper's protocol (verl's GRPO, paper.md section 10):
      from the second one on the old/new ratio differs from 1 and clipping acts, as in verl
   5. log, eval on held-out problems every eval_every steps, checkpoint atomically
 DPO uses the same loop: a "group" is a (chosen, rejected) pair instead of k rollouts, and the loss is Eq. 9.
+
+Where this loop departs from verl / TRL (loss.py's docstring lists the loss conventions):
+  - old_logp: the sampler's own log-probs by default (exact in fp32); --old_logp=recompute is verl's compute_log_prob
+  - the LR scheduler steps per optimizer update (verl: per generation batch); warm-up starts at lr/W (verl: at 0)
+  - kept groups are split evenly into prompts_per_step / prompts_per_update mini-batches (verl: a fixed mini-batch
+    size, length-balanced); under DDP the global list is split as one process would, then each mini-batch is sharded
+  - a truncated rollout (no stop token by max_new_tokens) scores 0, whatever it contains
+  - online DPO drops tied pairs (equal rewards), as GRPO drops zero-variance groups
+  - --resume refuses a changed lr / weight_decay (the restored optimizer would silently keep the checkpoint's)
 """
 import os
 import random
