@@ -450,7 +450,7 @@ def offline_batch(step):
 
 def compute_loss(b, norm, first):
     """Loss of one micro-batch, already divided by the mini-batch normaliser `norm` (summed over ranks).
-    first: the first mini-batch of the step, where the trainer is still the sampling policy: measure the mismatch."""
+    first: before the step's first update (the trainer is still the sampling policy): measure the mismatch."""
     with ctx:
         logp, ent = completion_logprobs(train_model, b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"],
                                         cfg.temperature if cfg.algo == "grpo" else 1.0, entropy=True)
@@ -525,12 +525,13 @@ for step in range(start, cfg.num_steps + 1):
     if cfg.old_logp == "recompute":  # pi_old from the trainer's own forward, micro-batched as the updates below
         for shard in shards:
             add_logp(shard, train_model, "old_logp")
+    updated = False  # the mismatch is measured before the step's first update, while the trainer is the sampler's policy
     for u, mb in enumerate(minis):
         if not any(g["keep"] for g in mb):
             continue  # every group of this mini-batch was dropped: nothing to learn from (same on every rank)
         norm = mini_batch_norm(mb)
         for micro in micro_batches(shards[u]):
-            loss, m = compute_loss(collate(micro), norm, u == 0)
+            loss, m = compute_loss(collate(micro), norm, not updated)
             loss.backward()
             mets.append(m)
         # sum gradients over ranks (each rank's loss is already divided by the global normaliser); a rank with an
@@ -545,6 +546,7 @@ for step in range(start, cfg.num_steps + 1):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        updated = True
     sync()
     t2 = time.time()
 
