@@ -99,7 +99,9 @@ def test_ddp_two_processes_equal_one(setup, tmp_path):
         assert (ga - gb).abs().max() <= 1e-3 * ga.abs().max() + 1e-12
     # parameters: equal up to Adam's sign-like step on float-noise-sized gradients (lr 1e-3)
     assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) <= 1e-4, max((a[k] - b[k]).abs().max().item() for k in a)
-    assert steps(one)[0].split("| gnorm")[0] == steps(two)[0].split("| gnorm")[0]  # same rewards, stats
+    # same rewards and rollout stats; the metrics after them (kl, entropy, mismatch) are means over micro-batches,
+    # which sharding changes at float-noise level
+    assert steps(one)[0].split("| clip_low")[0] == steps(two)[0].split("| clip_low")[0]
 
 
 @pytest.mark.parametrize("args", [
