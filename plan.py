@@ -70,12 +70,15 @@ def plan(cfg):
     L, D, Dq, Dkv, I, V = m.n_layers, m.dim, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.hidden_dim, m.vocab_size
     bf16 = cfg.dtype == "bfloat16"
     a = 2 if bf16 else 4  # bytes of a matmul input/output: autocast bf16, else fp32
-    shard = world if getattr(cfg, "fsdp", False) else 1  # FSDP shards weights, grads and AdamW state over ranks
+    shard = world if cfg.fsdp else 1  # --fsdp: weights, grads and AdamW state sharded over ranks
 
     # rollout: rows of one generation batch on this GPU, each with a KV cache of prompt + max_new_tokens columns
     P = cfg.prompts_per_step // world  # prompts per GPU
     rows, S = P * cfg.k, PROMPT_TOKENS + cfg.max_new_tokens
     kv_tok = 2 * L * Dkv * 4  # K and V per token, in the weights' dtype: fp32 (autocast never casts the cache)
+    # --sample_mem_gib: generate runs chunks of whole prompts whose cache fits the budget (at least one prompt each)
+    per = max(1, int(cfg.sample_mem_gib * GiB // (cfg.k * S * kv_tok))) if cfg.sample_mem_gib else P
+    chunks, crows = -(-P // per), min(P, per) * cfg.k  # chunks run one after another, crows rows each
     shrink = 1.0 if cfg.compile else 1.75  # eager decode copies the cache when it drops finished rows (>= 75% alive)
     # what one block keeps for backward, bytes per token (measured with saved_tensors_hooks, tests/test_bench.py):
     # fp32: both RMSNorms' input and normalised x (4 D), their rsqrt (2) and SDPA's logsumexp (H); the matmul inputs
@@ -88,8 +91,8 @@ def plan(cfg):
     ref = cfg.kl_coef > 0 or cfg.algo != "grpo"  # a frozen fp32 reference model
     both = dict(weights=4 * N / shard, adamw=8 * N / shard, ref=4 * N if ref else 0,
                 casts=2 * N if bf16 else 0)  # autocast's bf16 copy of every weight, cached for the forward
-    roll = dict(both, gather=4 * N if shard > 1 else 0,  # FSDP: the full weights for the sampler
-                kv=rows * S * kv_tok * shrink, sampler=4 * rows * V * 4)  # logits, log-softmax, probs, cdf (rows, V)
+    roll = dict(both, gather=4 * N if shard > 1 else 0,  # FSDP: the sampler runs on gathered full weights
+                kv=crows * S * kv_tok * shrink, sampler=4 * crows * V * 4)  # logits, log-softmax, probs, cdf (rows, V)
     upd = dict(both, grads=4 * N / shard, acts=acts,
                logits=micro * V * 4)  # every chunk's fp32 log-softmax is kept for backward
     peak = max(sum(roll.values()), sum(upd.values()))
@@ -99,10 +102,10 @@ def plan(cfg):
     # (8 N with activation checkpointing's second forward) + causal attention; all at the efficiencies above
     peak_fs = tflops * 1e12 / (1 if bf16 else 2)  # fp32 runs as TF32: half the bf16 rate
     ctx = S if cfg.compile else PROMPT_TOKENS + cfg.max_new_tokens / 2  # compiled decode attends over all S columns
-    step_bytes = N * a + rows * ctx * kv_tok * (2 if bf16 else 1)  # bf16: the fp32 cache is read and cast each step
-    step_flops = rows * (2 * N + 4 * L * Dq * ctx)
+    step_bytes = N * a + crows * ctx * kv_tok * (2 if bf16 else 1)  # bf16: the fp32 cache is read and cast each step
+    step_flops = crows * (2 * N + 4 * L * Dq * ctx)
     launch = 0 if cfg.compile else LAUNCH_S * L
-    decode = cfg.max_new_tokens * (max(step_bytes / (hbm * 1e9), step_flops / peak_fs) / DECODE_EFF + launch)
+    decode = chunks * cfg.max_new_tokens * (max(step_bytes / (hbm * 1e9), step_flops / peak_fs) / DECODE_EFF + launch)
     prefill = 2 * N * P * PROMPT_TOKENS / (MFU * peak_fs)
     tokens = P * (PROMPT_TOKENS + cfg.k * MEAN_NEW * cfg.max_new_tokens)  # prompts once per group (the scorer)
     per_tok = (8 if cfg.grad_ckpt else 6) * N + 6 * L * Dq * (PROMPT_TOKENS + MEAN_NEW * cfg.max_new_tokens) + (
@@ -111,6 +114,7 @@ def plan(cfg):
     n_updates = cfg.prompts_per_step // cfg.prompts_per_update
     comm = n_updates * 2 * (world - 1) / world * 4 * N / (link * 1e9)  # ring all-reduce of fp32 grads per update
     return dict(gpu=gpu, world=world, mem=mem, m=m, N=N, bf16=bf16, shard=shard, P=P, rows=rows, S=S, micro=micro,
+                chunks=chunks,
                 roll=roll, upd=upd, peak=peak, fits=peak <= USABLE * mem * GiB, gen=decode + prefill, decode=decode,
                 prefill=prefill, update=update, comm=comm, step=decode + prefill + update + comm)
 
@@ -121,7 +125,8 @@ LABELS = dict(weights="weights, fp32 (train.py keeps fp32 master weights)", adam
               sampler="sampler logits / probs (4 x rows x V fp32)", acts="activations kept for backward",
               logits="log-softmax kept for backward (tokens x V fp32)")
 
-HINTS = dict(kv="fewer rollouts per GPU (prompts_per_step, k, more --gpus) or a smaller max_new_tokens",
+HINTS = dict(kv="--sample_mem_gib (generate in chunks), fewer rollouts per GPU (prompts_per_step, k, more --gpus) "
+                "or a smaller max_new_tokens",
              sampler="fewer rollouts per GPU (prompts_per_step, k, more --gpus)",
              acts="--grad_ckpt=True or a smaller --token_budget", logits="a smaller --token_budget")
 
@@ -134,7 +139,7 @@ def report(p, cfg):
            f"{p['gpu']} ({p['mem']} GiB each); {cfg.dtype}, grad_ckpt {cfg.grad_ckpt}, compile {cfg.compile}, "
            f"{'FSDP' if p['shard'] > 1 else 'replicated weights (DDP)'}",
            f"per GPU: {p['P']} prompts x k={cfg.k} = {p['rows']} rollouts of <= {PROMPT_TOKENS} + {cfg.max_new_tokens}"
-           f" tokens; micro-batches of <= {p['micro']} tokens",
+           f" tokens, generated in {p['chunks']} chunk(s); micro-batches of <= {p['micro']} tokens",
            f"  {'memory per GPU, GiB':58s} {'rollout':>8s} {'update':>8s}"]
     for key, label in LABELS.items():
         r, u = p["roll"].get(key), p["upd"].get(key)

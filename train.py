@@ -5,6 +5,7 @@ nanoGRPO training: one loop for GRPO-k (k=2 is 2-GRPO), 2-GRPO+RS, and DPO (onli
     python train.py configs/grpo16.py --num_steps=50  # a config file, then overrides
     python train.py configs/dpo.py --resume           # continue from out_dir/ckpt.pt
     torchrun --nproc_per_node=2 train.py configs/grpo2.py
+    torchrun --nproc_per_node=8 train.py configs/qwen_math_grpo16.py --fsdp=True   # weights/grads/AdamW sharded
 
 One step follows the paper's protocol (verl's GRPO, paper.md section 10):
   1. a generation batch of prompts_per_step prompts, k rollouts each (rollout.py)
@@ -29,7 +30,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -73,6 +74,8 @@ class Config:
     grad_clip: float = 1.0                # max grad norm; 0 = off
     # sampling during training
     max_new_tokens: int = 64
+    sample_mem_gib: float = 0.0           # KV cache budget of the sampler per rank: generate in chunks of whole
+                                          # prompts that fit (same rollouts: per-row seeds); 0 = the whole batch at once
     temperature: float = 1.0
     sample_dtype: str = ""                # "" = dtype | float32 | bfloat16 (autocast) | bfloat16_emul (rollout.py's
                                           # Bf16Emulation: bf16 rounding at fp32 speed, for AVX2 CPUs; an emulation)
@@ -95,6 +98,7 @@ class Config:
     dtype: str = "float32"                # float32 | bfloat16 (autocast, sampling and training alike)
     compile: bool = False                 # torch.compile the training forward (and the decode step on CUDA)
     grad_ckpt: bool = False               # activation checkpointing per block
+    fsdp: bool = False                    # torchrun only: FSDP2, weights/grads/AdamW state sharded over ranks
     threads: int = 0                      # torch CPU threads; 0 = torch's default
     dry_run: bool = False                 # print the memory and step-time plan (plan.py) without loading weights, exit
     gpu: str = ""                         # --dry_run only: the GPU kind to plan for (plan.GPUS; "" = h100)
@@ -145,6 +149,8 @@ try:
     if cfg.tis_cap < 0 or (cfg.tis_cap > 0 and cfg.old_logp != "recompute"):
         raise ValueError(f"--tis_cap={cfg.tis_cap}: a cap >= 0 (0 = off), with --old_logp=recompute (with the "
                          "sampler's log-probs as old_logp the TIS weight is 1)")
+    if cfg.sample_mem_gib < 0:
+        raise ValueError(f"--sample_mem_gib={cfg.sample_mem_gib}: a budget in GiB > 0, or 0 for no chunking")
     if cfg.dual_clip != 0 and cfg.dual_clip <= 1:
         raise ValueError(f"--dual_clip={cfg.dual_clip}: 0 (off) or a cap c > 1 (verl uses 3)")
     if cfg.algo != "grpo" and (cfg.tis_cap or cfg.dual_clip or cfg.old_logp != "sampler"):
@@ -166,6 +172,9 @@ if ddp:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.prompts_per_update % world:
         die(f"prompts_per_update={cfg.prompts_per_update} must be a multiple of the {world} ranks")
+if cfg.fsdp and (not ddp or cfg.compile):
+    die("--fsdp=True shards over the ranks of torchrun (run torchrun --nproc_per_node=N train.py ...) and is not "
+        "combined with --compile (never tested)")
 master = rank == 0
 if cfg.threads:
     torch.set_num_threads(cfg.threads)
@@ -228,17 +237,56 @@ fallbacks = tuple(cfg.fallbacks.split(","))
 print0(f"model: {cfg.model} ({model.num_params() / 1e6:.1f}M params) on {device}, {world} rank(s); "
        f"{len(train_items)} training items, {len(eval_problems)} held-out problems")
 
+fsdp_units = []
+if cfg.fsdp:  # FSDP2: one unit per block, and the root (embeddings, final norm, lm_head; the scorer calls lm_head
+    # after forward, so the root stays unsharded until backward). bf16 weights in compute with --dtype=bfloat16, fp32
+    # gradient reduction
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None,
+                              reduce_dtype=torch.float32)
+    fsdp_units = [fully_shard(block, mp_policy=mp) for block in model.layers]
+    fsdp_units.append(fully_shard(model, mp_policy=mp, reshard_after_forward=False))
+
+
+@contextmanager
+def gathered():
+    """FSDP: every rank holds the full weights inside (one all-gather per unit), and forwards make no collective, so
+    the sampler, the no-grad scorer and eval may run a different number of forwards on each rank (or on rank 0
+    only). Costs one full copy of the weights, freed on exit. Without FSDP: nothing."""
+    for unit in fsdp_units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for unit in fsdp_units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model)
+
+
+if cfg.fsdp:  # FSDP's lazy init and a first gather/reshard cycle, which re-registers the root's parameters: before
+    with torch.no_grad(), gathered():  # the optimizer takes references to them
+        model(torch.zeros(1, 1, dtype=torch.long, device=device))
+
+
 # fused: one kernel over all parameters; on the 2-core CPU 0.04 s a step for SmolLM2 vs 0.2 s for torch's default loop
 optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                              fused=device.type in ("cpu", "cuda"))
+                              fused=device.type in ("cpu", "cuda") and not cfg.fsdp)  # (fused: not with DTensors)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(1.0, (it + 1) / max(1, cfg.warmup_steps)))
 state = dict(step=0, data_pos=0, rollouts=0, wall=0.0, eval0=None, eval_last=None)  # everything the loop carries across steps
 
 if cfg.resume and os.path.exists(ckpt_path):
     try:
         ckpt = load_checkpoint(ckpt_path, device)  # weights_only: a checkpoint cannot run code
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("config", {}).get("fsdp", False) != cfg.fsdp:  # the optimizer state is keyed differently
+            raise ValueError(f"written with --fsdp={not cfg.fsdp}; resume with that setting")
+        if cfg.fsdp:  # full tensors in the file, each rank keeps its shard
+            set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -256,8 +304,16 @@ if cfg.resume and os.path.exists(ckpt_path):
 
 
 def save_checkpoint():
-    """torch.save to a temp file, fsync, then rename: a crash mid-save leaves the previous ckpt.pt intact."""
-    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+    """torch.save to a temp file, fsync, then rename: a crash mid-save leaves the previous ckpt.pt intact. FSDP: every
+    rank joins the gather of full tensors, rank 0 writes the same layout as one process (FQN-keyed optimizer state)."""
+    if cfg.fsdp:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                      cpu_offload=True))
+    else:
+        model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
+    if not master:
+        return
+    ckpt = dict(model=model_sd, optimizer=optim_sd, scheduler=scheduler.state_dict(),
                 state=state, rng=dict(torch=torch.get_rng_state(), python=random.getstate()), config=asdict(cfg))
     tmp = ckpt_path + ".tmp"
     with open(tmp, "wb") as f:
@@ -381,7 +437,8 @@ def sample_groups(items, step, k):
     seeds = [hash((cfg.seed, step, gi, j)) & 0x7FFFFFFF for gi, _ in items for j in range(k)]
     with sample_ctx():
         ro = generate(model, prompts, k=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      stop_ids=stops, pad_id=pad_id, seed=seeds, decode_fn=decode_fn)
+                      stop_ids=stops, pad_id=pad_id, seed=seeds, decode_fn=decode_fn,
+                      mem_budget=cfg.sample_mem_gib * 2 ** 30 or None)
     lens = ro.mask.sum(-1).long().tolist()
     toks = [ro.tokens[r, :n].tolist() for r, n in enumerate(lens)]
     texts = tok.batch_decode(toks, skip_special_tokens=True)
@@ -452,8 +509,10 @@ def compute_loss(b, norm, first):
     """Loss of one micro-batch, already divided by the mini-batch normaliser `norm` (summed over ranks).
     first: before the step's first update (the trainer is still the sampling policy): measure the mismatch."""
     with ctx:
+        # FSDP: the plain path, one forward a micro-batch (the shared path's forward count differs between ranks)
         logp, ent = completion_logprobs(train_model, b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"],
-                                        cfg.temperature if cfg.algo == "grpo" else 1.0, entropy=True)
+                                        cfg.temperature if cfg.algo == "grpo" else 1.0, entropy=True,
+                                        share_prompts=not cfg.fsdp)
     logp = logp.float()
     if cfg.algo == "grpo":
         loss, m = grpo_loss(logp, b["old_logp"], b["adv"], b["mask"], cfg.clip_low, cfg.clip_high, cfg.agg, norm,
@@ -488,21 +547,22 @@ if master and sys.stderr.isatty():
 for step in range(start, cfg.num_steps + 1):
     last_step = step == cfg.num_steps
     if eval_problems and (last_step or (cfg.eval_every and step % cfg.eval_every == 0)) and not (step == start and start):
-        if master:
-            model.eval()
-            with ctx:
-                res = evaluate(model, tok, eval_problems, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                               fallbacks=fallbacks, seed=cfg.seed)
-            model.train()
-            state["eval0"] = state["eval0"] if state["eval0"] is not None else res["acc"]
-            state["eval_last"] = res["acc"]
-            print0(f"eval step {step:04d} | held-out greedy acc {res['acc']:.4f} | trunc {res['trunc']:.3f} | "
-                   f"len {res['len']:.1f} | {len(eval_problems)} problems")
-            if cfg.wandb:
-                wandb.log({"eval/acc": res["acc"], "eval/trunc": res["trunc"], "eval/len": res["len"]}, step=step)
+        with gathered():  # FSDP: every rank gathers, rank 0 evaluates
+            if master:
+                model.eval()
+                with ctx:
+                    res = evaluate(model, tok, eval_problems, n=1, temperature=0.0,
+                                   max_new_tokens=cfg.max_new_tokens, fallbacks=fallbacks, seed=cfg.seed)
+                model.train()
+                state["eval0"] = state["eval0"] if state["eval0"] is not None else res["acc"]
+                state["eval_last"] = res["acc"]
+                print0(f"eval step {step:04d} | held-out greedy acc {res['acc']:.4f} | trunc {res['trunc']:.3f} | "
+                       f"len {res['len']:.1f} | {len(eval_problems)} problems")
+                if cfg.wandb:
+                    wandb.log({"eval/acc": res["acc"], "eval/trunc": res["trunc"], "eval/len": res["len"]}, step=step)
         if ddp:
             dist.barrier()
-    if master and step > start and (last_step or (cfg.save_every and step % cfg.save_every == 0)):
+    if (master or cfg.fsdp) and step > start and (last_step or (cfg.save_every and step % cfg.save_every == 0)):
         save_checkpoint()
     if last_step:
         break
@@ -510,7 +570,8 @@ for step in range(start, cfg.num_steps + 1):
     # ---- rollouts, rewards, advantages
     t0 = time.time()
     model.eval()
-    groups, stats = get_batch(step)
+    with gathered():
+        groups, stats = get_batch(step)
     groups = gather(groups)  # the global list, the same on every rank
     model.train()
     sync()
@@ -523,21 +584,30 @@ for step in range(start, cfg.num_steps + 1):
     minis = [groups[u * len(groups) // n_updates:(u + 1) * len(groups) // n_updates] for u in range(n_updates)]
     shards = [[g for g in mb if g["keep"]][rank::world] for mb in minis]
     if cfg.old_logp == "recompute":  # pi_old from the trainer's own forward, micro-batched as the updates below
-        for shard in shards:
-            add_logp(shard, train_model, "old_logp")
+        with gathered():
+            for shard in shards:
+                add_logp(shard, train_model, "old_logp")
     updated = False  # the mismatch is measured before the step's first update, while the trainer is the sampler's policy
     for u, mb in enumerate(minis):
         if not any(g["keep"] for g in mb):
             continue  # every group of this mini-batch was dropped: nothing to learn from (same on every rank)
         norm = mini_batch_norm(mb)
-        for micro in micro_batches(shards[u]):
-            loss, m = compute_loss(collate(micro), norm, not updated)
+        micros = micro_batches(shards[u])
+        # FSDP reduce-scatters in every backward: each rank runs as many as the busiest one (extras: a zero loss)
+        for i in range(int(all_sum(len(micros), dist.ReduceOp.MAX)) if cfg.fsdp else len(micros)):
+            if i < len(micros):
+                loss, m = compute_loss(collate(micros[i]), norm, not updated)
+                mets.append(m)
+            else:
+                loss = model(torch.zeros(1, 1, dtype=torch.long, device=device)).sum() * 0
             loss.backward()
-            mets.append(m)
         # sum gradients over ranks (each rank's loss is already divided by the global normaliser); a rank with an
         # empty shard still joins with zeros. One all-reduce per tensor: on 2 gloo ranks (dev/bench_sync.py) it was
         # not slower than flattened buckets or the DDP wrapper, which also assumes one forward per backward
-        if ddp:
+        if cfg.fsdp:  # FSDP averaged the shards' gradients over ranks; each rank's loss is a share of the sum
+            for p in model.parameters():
+                p.grad.mul_(world)
+        elif ddp:
             for p in model.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -30,7 +30,7 @@ def tiny(tmp_path):
 def cfg(model, **kw):
     base = dict(model=model, gpu="l4", gpus=2, prompts_per_step=8, prompts_per_update=4, k=4, max_new_tokens=64,
                 token_budget=1000, dtype="float32", grad_ckpt=False, compile=False, kl_coef=0.0, algo="grpo",
-                num_steps=10)
+                num_steps=10, fsdp=False, sample_mem_gib=0.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -62,6 +62,16 @@ def test_plan_by_hand(tiny):
     # bf16 block: 4 x 262 + 10 x 64 + 2 x 704 = 3096 B a token; checkpointing keeps 2 block inputs (256 B each) + 1 block
     assert q["upd"]["acts"] == 1000 * (2 * 256 + 3096)
     assert q["upd"]["casts"] == 2 * 138048 and q["roll"]["kv"] == 16 * 320 * 512  # compiled: no cache copy
+
+    f = plan.plan(cfg(tiny, fsdp=True))  # 2 GPUs: weights, AdamW and grads halved; the sampler gathers all weights
+    assert f["upd"]["weights"] == f["upd"]["grads"] == 552192 / 2 and f["upd"]["adamw"] == 1104384 / 2
+    assert f["roll"]["gather"] == 552192 and "gather" not in f["upd"] and p["roll"]["gather"] == 0
+
+    # --sample_mem_gib: a budget of 3 prompts' cache (3 x 4 rows x 320 x 512 B) -> the 4 prompts a GPU in chunks of 3
+    # and 1: the cache holds 12 rows, the decode runs twice (on 12 rows, counted as 12) instead of once on 16
+    c = plan.plan(cfg(tiny, sample_mem_gib=(3 * 4 * 320 * 512 + 1) / 2 ** 30))
+    assert c["chunks"] == 2 and c["roll"]["kv"] == 12 * 320 * 512 * 1.75 and c["roll"]["sampler"] == 4 * 12 * 1000 * 4
+    assert c["decode"] == pytest.approx(2 * 64 * ((552192 + 12 * 288 * 512) / 300e9 / 0.5 + 400e-6), rel=1e-4)
 
 
 def test_plan_lines_match_real_tensors(tiny):

@@ -27,13 +27,13 @@ def setup(tmp_path_factory):
     return dict(model=model, data=str(data), prefs=str(prefs), dir=d)
 
 
-def run(setup, out, *args, torchrun=0, env=None):
+def run(setup, out, *args, torchrun=0, env=None, script=("train.py",)):
     base = [f"--model={setup['model']}", f"--data={setup['data']}", f"--eval_data={setup['data']}", f"--out_dir={out}",
             "--prompts_per_step=8", "--prompts_per_update=4", "--max_new_tokens=12", "--num_steps=2", "--eval_n=4",
             "--eval_every=0", "--fallbacks=last_number", "--lr=1e-3", "--threads=1"]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29517"] \
         if torchrun else [sys.executable]
-    p = subprocess.run(launcher + ["train.py"] + base + list(args), cwd=ROOT, capture_output=True, text=True,
+    p = subprocess.run(launcher + list(script) + base + list(args), cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     return p
 
@@ -104,20 +104,30 @@ def test_ddp_two_processes_equal_one(setup, tmp_path):
     assert steps(one)[0].split("| clip_low")[0] == steps(two)[0].split("| clip_low")[0]
 
 
-@pytest.mark.parametrize("args", [
-    ["--k=2", "--resample=True", "--num_steps=3"],
-    ["--k=16", "--prompts_per_step=8", "--prompts_per_update=2", "--num_steps=2"],
-], ids=["2grpo_rs", "16grpo"])
-def test_ddp_equals_one_process_over_steps(setup, tmp_path, args):
-    """2 gloo ranks == 1 process over several steps and mini-batches: the global list of kept groups is split into
-    mini-batches as one process splits it, then sharded over ranks. With RS, refills of fewer prompts than ranks leave
-    a rank nothing to sample (it must not crash). Fails if each rank splits its own groups: a third of the problems
-    have an answer the model never says, so their groups are dropped, unevenly over the ranks."""
+def mixed_data(tmp_path):
+    """A third of the problems have an answer the model never says: their groups are dropped, unevenly over ranks."""
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"question {i}: say one", "answer": "7" if i % 3 == 0 else "1"}) + "\n"
                             for i in range(40)))
+    return data
+
+
+@pytest.mark.parametrize("args,fsdp", [
+    (["--k=2", "--resample=True", "--num_steps=3"], []),
+    (["--k=16", "--prompts_per_step=8", "--prompts_per_update=2", "--num_steps=2"], []),
+    (["--k=2", "--resample=True", "--num_steps=3"], ["--fsdp=True"]),
+    (["--k=16", "--prompts_per_step=8", "--prompts_per_update=2", "--num_steps=2", "--kl_coef=0.05"], ["--fsdp=True"]),
+], ids=["2grpo_rs", "16grpo", "2grpo_rs_fsdp", "16grpo_kl_fsdp"])
+def test_ddp_equals_one_process_over_steps(setup, tmp_path, args, fsdp):
+    """2 gloo ranks == 1 process over several steps and mini-batches: the global list of kept groups is split into
+    mini-batches as one process splits it, then sharded over ranks. With RS, refills of fewer prompts than ranks leave
+    a rank nothing to sample (it must not crash). Fails if each rank splits its own groups. FSDP2 (--fsdp=True) gives
+    the same parameters too: uneven shards make ranks run different numbers of forwards, which must not hang or
+    desynchronise FSDP's collectives (the sampler and scorer run on gathered weights, the update pads the backwards)."""
+    data = mixed_data(tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
-    p1, p2 = [run(setup, out, *args, f"--data={data}", torchrun=n) for out, n in ((one, 0), (two, 2))]
+    p1, p2 = [run(setup, out, *args, f"--data={data}", *extra, torchrun=n) for out, n, extra in
+              ((one, 0, []), (two, 2, fsdp))]
     assert p1.returncode == 0 and p2.returncode == 0, p2.stderr[-3000:]
     a, b = params(one), params(two)
     # Adam moves float-noise-sized gradients by up to ~lr per update: 1e-4 is that noise, a wrong split is ~1e-3
@@ -151,6 +161,45 @@ def recorded(setup, out, *args, model=None):
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "CALLS": str(out / "calls.json")})
     assert p.returncode == 0, p.stderr[-2000:]
     return json.load(open(out / "calls.json"))
+
+
+def test_fsdp_checkpoint_resumes_exactly(setup, tmp_path):
+    """FSDP2: rank 0 writes full tensors (the 1-process layout for the weights); 1 step + --resume for 1 more == 2 steps
+    of 1 process. A checkpoint of the other kind is refused with one line (its optimizer state is keyed differently)."""
+    data = mixed_data(tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run(setup, one, f"--data={data}").returncode == 0
+    assert run(setup, two, f"--data={data}", "--num_steps=1", "--fsdp=True", torchrun=2).returncode == 0
+    p = run(setup, two, f"--data={data}", "--fsdp=True", "--resume", torchrun=2)
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+    a, b = params(one), params(two)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+    p = run(setup, one, f"--data={data}", "--resume", "--fsdp=True", "--num_steps=3", torchrun=2)
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]  # one per rank (torchrun then
+    assert p.returncode != 0 and 'train.py", line' not in p.stderr and len(lines) == 2, p.stderr[-2000:]  # reports)
+    assert "written with --fsdp=False; resume with that setting" in lines[0]
+
+
+def test_sample_mem_gib_chunks_generation_without_changing_it(setup, tmp_path):
+    """--sample_mem_gib reaches generate: a budget of less than one prompt's cache generates one prompt at a time, and
+    the rollouts and rewards are the unchunked ones (each row draws from its own seed); the sampler's log-probs, so
+    the mismatch and the parameters, move at float-noise level only (other batch shapes, other summation order)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(setup, a, "--k=4").returncode == 0
+    count = ("import runpy, sys, rollout\n"  # train.py, printing how many prompts each generate chunk had
+             "orig = rollout._generate_chunk\n"
+             "def chunk(model, prompts, *a):\n"
+             "    print('chunk', len(prompts))\n"
+             "    return orig(model, prompts, *a)\n"
+             "rollout._generate_chunk = chunk\n"
+             "sys.argv = ['train.py'] + sys.argv[1:]\n"
+             "runpy.run_path('train.py', run_name='__main__')\n")
+    p = run(setup, b, "--k=4", "--sample_mem_gib=1e-9", "--eval_n=2", script=["-c", count])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("chunk 1\n") == 2 * 8 and "chunk 8" not in p.stdout  # 2 steps x 8 prompts, one at a time
+    assert [s.split("| mismatch")[0] for s in steps(a)] == [s.split("| mismatch")[0] for s in steps(b)]
+    pa, pb = params(a), params(b)
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) <= 1e-4
 
 
 def test_micro_batches_split_a_group_over_the_token_budget(setup, tmp_path):
@@ -248,6 +297,7 @@ def one_error_line(p):
     (["--train_n=8", "--algo=dpo_offline"], "dpo_offline reads every preference pair"),
     (["--resample=True", "--kl_coef=0.05"], "with a KL term no group is dropped, so RS would refill nothing"),
     (["--norm_dropped=True", "--resample=True"], "drop --norm_dropped"),
+    (["--fsdp=True"], "shards over the ranks of torchrun"),
 ])
 def test_config_and_path_errors(setup, tmp_path, args, expect):
     assert expect in one_error_line(run(setup, tmp_path, *args))
