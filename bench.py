@@ -15,6 +15,7 @@ Rows (same weights everywhere: the embedded SmolLM2-135M-Instruct, exported once
   sampler   tokens/s of rollout.generate vs transformers' model.generate on 32 prompts x 2 samples x 64 new tokens,
             plain T=1 sampling over the full vocab, left padding, same stop ids; tokens = generated tokens up to and
             including the stop token (or 64), counted the same way for both; fp32, then both models cast to bf16
+            (without fast bf16: bf16 and fp32 on 2 prompts x 8 tokens, and rollout.Bf16Emulation at full size)
   mismatch  the same rollouts' log-probs from the sampler with bf16 weights vs the trainer's fp32 forward
             (loss.sampler_mismatch: mean / max |d logp|, k3 KL); on a CPU without fast bf16, on 2 prompts x 8 tokens
   RL step   seconds per step, split into gen (sampling + rewards [+ ref log-probs]) and update (forward, backward,
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -41,7 +43,7 @@ from data import load_problems
 from loss import sampler_mismatch
 from model import chat_ids, from_pretrained, save_pretrained, stop_token_ids
 from reward import math_reward
-from rollout import completion_logprobs, generate, shared_prefix_len
+from rollout import Bf16Emulation, completion_logprobs, generate, shared_prefix_len
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +89,7 @@ def matmul_peak(dtype, seconds=1.0):
 # 1. sampler: ours vs transformers' generate
 
 
-def bench_sampler(model, hf, tok, prompts, new, reps):
+def bench_sampler(model, hf, tok, prompts, new, reps, mode=nullcontext):
     stops = stop_token_ids(tok, model.cfg)
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[stops[0]] * (L - len(p)) + p for p in prompts], device=device)  # left padding
@@ -108,14 +110,15 @@ def bench_sampler(model, hf, tok, prompts, new, reps):
     res = []
     for fn in (ours, theirs):
         torch.manual_seed(0)
-        fn(4)  # warm-up
         best = 0.0
-        for _ in range(reps):  # best of reps: the machine is shared, the max is the least disturbed run
-            sync()
-            t0 = time.time()
-            n = fn(new)
-            sync()
-            best = max(best, n / (time.time() - t0))
+        with mode():  # Bf16Emulation: both samplers' matmuls rounded to bf16
+            fn(4)  # warm-up
+            for _ in range(reps):  # best of reps: the machine is shared, the max is the least disturbed run
+                sync()
+                t0 = time.time()
+                n = fn(new)
+                sync()
+                best = max(best, n / (time.time() - t0))
         res.append(best)
     return res
 
@@ -300,18 +303,22 @@ def main(argv):
     # mismatch first, while the weights are still exactly fp32 (the sampler rows cast them to bf16 and back)
     mis_p, mis_new = (prompts, new) if fast_bf16 else (prompts[:2], 8)
     mis = mismatch(model, mis_p, mis_new, stops)
-    samp = {}
     dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bf16 else [])
-    if not fast_bf16:
-        print("bf16 matmul is slower than fp32 on this machine: no bf16 sampler or RL-step row")
-    for name, dt in dtypes:
-        samp[name] = bench_sampler(model.to(dt), hf.to(dt), tok, prompts, new, reps)
+    samp = {"fp32": bench_sampler(model, hf, tok, prompts, new, reps)}
+    if fast_bf16:
+        samp["bf16"] = bench_sampler(model.bfloat16(), hf.bfloat16(), tok, prompts, new, reps)
+    else:  # real bf16 on a small batch only, and the emulation (rollout.Bf16Emulation) at full size
+        print("bf16 matmul is slower than fp32 on this machine: no bf16 RL-step row; bf16 sampling measured on "
+              "2 prompts x 8 tokens, and emulated (bf16 rounding at fp32 speed) at full size")
+        samp["bf16 emul"] = bench_sampler(model, hf, tok, prompts, new, reps, Bf16Emulation)
+        samp["fp32 2x8"] = bench_sampler(model, hf, tok, prompts[:2], 8, 1)
+        samp["bf16 2x8"] = bench_sampler(model.bfloat16(), hf.bfloat16(), tok, prompts[:2], 8, 1)
     del model, hf
     print(f"\nsampler: {n_prompts} prompts x 2 samples x {new} new tokens, T=1; tok/s = generated tokens up to and "
           f"including the stop, best of {reps}")
-    print(f"  {'dtype':6s} {'ours tok/s':>11s} {'HF tok/s':>9s}")
+    print(f"  {'dtype':9s} {'ours tok/s':>11s} {'HF tok/s':>9s}")
     for name, (o, h) in samp.items():
-        print(f"  {name:6s} {o:11.0f} {h:9.0f}")
+        print(f"  {name:9s} {o:11.1f} {h:9.1f}")
     mis_txt = (f"mean abs d logp {mis['mismatch_mean']:.2e}, max {mis['mismatch_max']:.2e}, k3 KL "
                f"{mis['mismatch_k3']:.2e}")
     print(f"mismatch, sampler with bf16 weights vs the trainer's fp32 forward, same rollouts ({len(mis_p)} prompts x 2 "

@@ -298,6 +298,7 @@ def one_error_line(p):
     (["--resample=True", "--kl_coef=0.05"], "with a KL term no group is dropped, so RS would refill nothing"),
     (["--norm_dropped=True", "--resample=True"], "drop --norm_dropped"),
     (["--fsdp=True"], "shards over the ranks of torchrun"),
+    (["--sample_mem_gib=-1"], "a budget in GiB > 0, or 0"),
 ])
 def test_config_and_path_errors(setup, tmp_path, args, expect):
     assert expect in one_error_line(run(setup, tmp_path, *args))
