@@ -2,8 +2,9 @@
 # Needs the weights and data locally or a reachable hub: Qwen/Qwen2.5-Math-1.5B, DigitalLearningGmbH/MATH-lighteval.
 # Paper: 8.53 h on 4 GPUs for 10 epochs, MATH-500 Mean@32 70.24. Single GPU: expect several times that.
 # For 2-GRPO use configs/qwen_math_grpo2.py (k=2, 256 prompts per update, lr 8e-6).
-# Plan (python train.py configs/qwen_math_grpo16.py --dry_run --gpu=h200 --gpus=4): does NOT fit today, the
-# sampler's fp32 KV cache for 2048 rollouts per GPU is 364 GiB; needs chunked generation. Estimate only.
+# Plan (python train.py configs/qwen_math_grpo16.py --dry_run --gpu=h200 --gpus=4): fits at a 60 GiB peak with the
+# sampler generating in 10 chunks of <= 40 GiB KV cache (2048 rollouts per GPU would need 364 GiB at once), ~20 min
+# a step estimated. Estimates only, never run on a GPU.
 model = "Qwen/Qwen2.5-Math-1.5B"
 data = "hf:DigitalLearningGmbH/MATH-lighteval"
 eval_data = "hf:HuggingFaceH4/MATH-500"
@@ -24,6 +25,7 @@ eval_every = 10
 eval_n = 500
 save_every = 10
 token_budget = 16384
+sample_mem_gib = 40         # KV cache per GPU: generate the 2048 rollouts in chunks of whole prompts that fit
 dtype = "bfloat16"
 grad_ckpt = True
 compile = True
