@@ -430,9 +430,12 @@ def report(c):
         md += "\nNo per-difficulty table: these runs store no per-problem outcomes (made before experiments.py did)\n"
         diff = None
     else:
-        md += (f"\nFinal mean@k by the initial policy's pass rate p on each problem ({c.difficulty_json}; "
+        md += (f"\nFinal mean@k by the initial policy's pass rate p on each problem "
+               f"({os.path.relpath(c.difficulty_json, ROOT)}; "
                f"hypothesis 2):\n\n{difficulty_table(results, diff)}\n\n![per difficulty](per_difficulty.png)\n")
-    stale = [f"{r['method']}_s{r['seed']}" for r in results if r["train_args"] != train_args(r["method"], r["seed"], c)]
+    same = lambda a: [x for x in a if not x.startswith("--threads=")]  # threads change speed, not the settings
+    stale = [f"{r['method']}_s{r['seed']}" for r in results
+             if same(r["train_args"]) != same(train_args(r["method"], r["seed"], c))]
     if stale:  # the header above describes this invocation's settings
         md += f"\nWarning: made with other training settings than described above: {', '.join(stale)}\n"
     with open(os.path.join(c.out, "RESULTS.md"), "w") as f:
