@@ -8,6 +8,7 @@ subprocess per run, eval.evaluate on the final policy (per problem), then a tabl
     python experiments.py --methods=grpo16,grpo2 --seeds=5 --out=results/g2 --runs=runs/g2
     python experiments.py --train_n=64 --num_steps=40 --prompts_per_step=16 --rollouts_per_update=32  # 10 epochs
     python experiments.py --report_only    # rebuild results/RESULTS.md and the plots from the JSONs
+    python experiments.py --train_extra="--dual_clip=3" --out=results/dual_clip  # a hypothesis: extra train.py args
     python experiments.py --difficulty --eval_n=64 --max_new_tokens=48  # base pass rates -> results/difficulty.json
 
 -> results/<method>_s<seed>.json, results/RESULTS.md (printed too), results/acc_vs_time.png, acc_vs_rollouts.png.
@@ -73,6 +74,8 @@ class Config:
     top_p: float = 0.8
     top_k: int = 20
     threads: int = 0               # torch threads for train.py and the final eval; 0 = default
+    train_extra: str = ""          # more train.py args for every run, space-separated, last (they win): one hypothesis
+                                   # a grid, e.g. "--dual_clip=3" or "--norm_dropped=True --warmup_steps=2"
     difficulty: bool = False       # only measure the initial policy's pass rate on each held-out problem (hypothesis 2)
     difficulty_json: str = "results/difficulty.json"  # written by --difficulty; read by the report's per-difficulty table
     difficulty_samples: int = 16   # samples per problem for that pass rate, at train.py's sampling (T=1)
@@ -110,7 +113,7 @@ def train_args(m, seed, c):
             f"--max_new_tokens={c.max_new_tokens}", f"--eval_every={c.eval_every}", f"--save_every={c.save_every}",
             f"--eval_n={c.eval_n}"] + ([f"--threads={c.threads}"] if c.threads else [])
     base += [f"--train_n={c.train_n}"] if c.train_n else []  # (only when set: older runs' args stay the same)
-    return base + method_args(m, c)
+    return base + method_args(m, c) + c.train_extra.split()
 
 
 def estimate_s(m, c):

@@ -135,6 +135,8 @@ def test_method_args_follow_the_lr_rule():
     assert a["grpo2_rs"] == {**a["grpo2"], "resample": "True", "rs_max_k": "16"}
     assert a["dpo"] == dict(algo="dpo", k="2", prompts_per_update="32", lr="1e-05", beta="0.1")
     assert all(f"--prompts_per_step={c.prompts_per_step}" in ex.train_args(m, 1, c) for m in ex.METHODS)
+    extra = ex.Config(train_extra="--dual_clip=3  --lr=2e-5")  # last, so they override the method's own
+    assert ex.train_args("grpo16", 0, extra) == ex.train_args("grpo16", 0, c) + ["--dual_clip=3", "--lr=2e-5"]
 
 # -----------------------------------------------------------------------------
 # covariance math
