@@ -358,8 +358,9 @@ def main(argv):
     step = lambda r: f"{r['gen'] + r['update']:.2f} s ({r['gen']:.2f} + {r['update']:.2f})"
     print(f"\n| work ({where}, SmolLM2-135M-Instruct) | ours | peer | ratio |\n|---|---|---|---|")
     for name, (o, h) in samp.items():
-        print(f"| sampler, {n_prompts} prompts x 2 x {new} tokens, T=1, {name} | {o:.0f} tok/s | `generate` {h:.0f} "
-              f"tok/s | {o / h:.2f}x |")
+        work_txt = "2 prompts x 2 x 8 tokens" if "2x8" in name else f"{n_prompts} prompts x 2 x {new} tokens"
+        print(f"| sampler, {work_txt}, T=1, {name.split()[0]}{' emulated' if 'emul' in name else ''} | {o:.1f} tok/s "
+              f"| `generate` {h:.1f} tok/s | {o / h:.2f}x |")
     print(f"| sampler bf16 vs trainer fp32 log-probs, same rollouts ({len(mis_p)} x 2 x {mis_new}) | {mis_txt} | | |")
     for name, dt, r in rl:
         if name == "ours":
