@@ -238,6 +238,7 @@ print0(f"model: {cfg.model} ({model.num_params() / 1e6:.1f}M params) on {device}
        f"{len(train_items)} training items, {len(eval_problems)} held-out problems")
 
 fsdp_units = []
+one_token = torch.zeros(1, 1, dtype=torch.long, device=device)  # FSDP's throwaway forwards (lazy init, padding)
 if cfg.fsdp:  # FSDP2: one unit per block, and the root (embeddings, final norm, lm_head; the scorer calls lm_head
     # after forward, so the root stays unsharded until backward). bf16 weights in compute with --dtype=bfloat16, fp32
     # gradient reduction
@@ -267,7 +268,7 @@ def gathered():
 
 if cfg.fsdp:  # FSDP's lazy init and a first gather/reshard cycle, which re-registers the root's parameters: before
     with torch.no_grad(), gathered():  # the optimizer takes references to them
-        model(torch.zeros(1, 1, dtype=torch.long, device=device))
+        model(one_token)
 
 
 # fused: one kernel over all parameters; on the 2-core CPU 0.04 s a step for SmolLM2 vs 0.2 s for torch's default loop
@@ -599,15 +600,15 @@ for step in range(start, cfg.num_steps + 1):
                 loss, m = compute_loss(collate(micros[i]), norm, not updated)
                 mets.append(m)
             else:
-                loss = model(torch.zeros(1, 1, dtype=torch.long, device=device)).sum() * 0
+                loss = model(one_token).sum() * 0
             loss.backward()
-        # sum gradients over ranks (each rank's loss is already divided by the global normaliser); a rank with an
-        # empty shard still joins with zeros. One all-reduce per tensor: on 2 gloo ranks (dev/bench_sync.py) it was
-        # not slower than flattened buckets or the DDP wrapper, which also assumes one forward per backward
-        if cfg.fsdp:  # FSDP averaged the shards' gradients over ranks; each rank's loss is a share of the sum
+        # each rank's loss is already divided by the global normaliser, so gradients are summed over ranks
+        if cfg.fsdp:  # FSDP averaged the shards' gradients over ranks: back to the sum
             for p in model.parameters():
                 p.grad.mul_(world)
-        elif ddp:
+        elif ddp:  # a rank with an empty shard joins with zeros. One all-reduce per tensor: on 2 gloo ranks
+            # (dev/bench_sync.py) it was not slower than flattened buckets or the DDP wrapper, which also assumes one
+            # forward per backward
             for p in model.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
