@@ -119,7 +119,7 @@ def load_checkpoint(path, device="cpu"):
     """torch.load(weights_only=True): tensors, numbers, strings, lists, tuples and dicts only, which is all a training
     checkpoint holds, so a file from someone else cannot run code while loading. Raises ValueError with one line."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=True)  # mmap: no second copy in RAM
     except Exception as e:
         lines = [line for line in str(e).splitlines() if line.strip()] or [""]
         if "Weights only load failed" in lines[0]:  # torch's message: the offending line names the python object

@@ -301,6 +301,7 @@ if cfg.resume and os.path.exists(ckpt_path):
     if changed:
         die(f"--resume from {ckpt_path} with {', '.join(changed)}: the restored optimizer would keep the checkpoint's "
             "value; resume with it, or start a new out_dir")
+    del ckpt  # the loaded copies live on in model and optimizer: keeping the file's tensors doubles the memory
     print0(f"resumed from {ckpt_path} at step {state['step']}")
 
 
