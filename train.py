@@ -556,7 +556,7 @@ for step in range(start, cfg.num_steps + 1):
                     res = evaluate(model, tok, eval_problems, n=1, temperature=0.0,
                                    max_new_tokens=cfg.max_new_tokens, fallbacks=fallbacks, seed=cfg.seed)
                 model.train()
-                state["eval0"] = state["eval0"] if state["eval0"] is not None else res["acc"]
+                state["eval0"] = res["acc"] if step == 0 else state["eval0"]  # "before": only a step-0 eval
                 state["eval_last"] = res["acc"]
                 print0(f"eval step {step:04d} | held-out greedy acc {res['acc']:.4f} | trunc {res['trunc']:.3f} | "
                        f"len {res['len']:.1f} | {len(eval_problems)} problems")
@@ -659,10 +659,11 @@ for step in range(start, cfg.num_steps + 1):
 if bar is not None:
     bar.close()
     bar = None
-if state["eval0"] is not None and state["eval_last"] is not None:
-    print0(f"held-out greedy accuracy: {100 * state['eval0']:.1f}% -> {100 * state['eval_last']:.1f}% "
-           f"({100 * (state['eval_last'] - state['eval0']):+.1f} points) in {state['wall'] / 60:.1f} min of training, "
-           f"{state['rollouts']} rollouts")
+if state["eval_last"] is not None:
+    e0, e1 = state["eval0"], state["eval_last"]
+    change = f"{100 * e0:.1f}% -> {100 * e1:.1f}% ({100 * (e1 - e0):+.1f} points)" if e0 is not None else \
+        f"{100 * e1:.1f}% (no step-0 eval to compare with)"
+    print0(f"held-out greedy accuracy: {change} in {state['wall'] / 60:.1f} min of training, {state['rollouts']} rollouts")
 if cfg.wandb and master:
     wandb.finish()
 if ddp:

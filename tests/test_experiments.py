@@ -199,6 +199,8 @@ def test_experiments_quick_end_to_end_and_resume(tiny):
         assert [pt["step"] for pt in r["curve"]] == [0, 1, 2] and r["k"] == 2
         assert r["wall_s"] == pytest.approx(r["roll_s"] + r["train_s"])
     assert (r16["rollouts"], r2["rollouts"]) == (2 * 8 * 16, 2 * 8 * 2)
+    summary = (runs / "grpo2_s0" / "stdout.txt").read_text().split("held-out greedy accuracy: ")[1].splitlines()[0]
+    assert "% -> " in summary and " points) in " in summary  # a step-0 eval: before -> after
     md = (out / "RESULTS.md").read_text()
     assert "| grpo2 | 1 |" in md and "| 12.5% |" in md and "retention (v2 rule)" in md and "mean@2 retention" in md
     try:

@@ -63,7 +63,7 @@ def test_each_algorithm_trains(setup, tmp_path, args):
     assert any(float(line.split("gnorm ")[1].split()[0]) > 0 for line in lines), lines  # an update really happened
     before = torch.load(os.path.join(tmp_path, "ckpt.pt"), weights_only=False)
     assert before["state"]["step"] == 2 and before["config"]["algo"] in args[0]
-    assert "held-out greedy accuracy" in p.stdout
+    assert "held-out greedy accuracy: " in p.stdout and "no step-0 eval" in p.stdout  # --eval_every=0: end only
     assert f"{10 if '--train_n=10' in args else 20 if 'dpo_offline' in args[0] else 40} training items" in p.stdout
     if "--resample=True" in args and "--kl_coef=0.05" not in args:  # RS refilled dropped pairs
         assert all(" zero_var " in line for line in lines)
