@@ -15,7 +15,9 @@ Cheapest first, so the common case never leaves this process:
      parse that read the whole answer counts (math_verify reads "1 - \\frac{1}{\\mathrm{e}}" as 1). Expressions and
      equations are first compared at 3 fixed random points (sympy's simplify can take seconds). The worker stops
      itself with an alarm at 0.7 of the limit (its own main thread: math_verify's signal.alarm fails in the
-     caller's threads, Math-Verify#50, verl PR#5635) and is killed at the limit. Timeouts score 0.
+     caller's threads, Math-Verify#50, verl PR#5635) and is killed at the limit; a spare worker, started beside
+     it, takes over at once (a start-up costs seconds and is not counted in the limit: only a call that comes
+     within seconds of two kills waits for one). Timeouts score 0.
 Model output is never eval'ed. Inputs are capped before any regex work, and answers hostile to sympy (power
 towers, huge exponents, factorials of expressions, deep nesting) score 0 without reaching it.
 
@@ -280,7 +282,8 @@ PRIME = [r"\frac{1}{2}", r"\sqrt{2}+\sqrt[3]{5}", r"(1, \frac{9}{2})", r"[0, \in
          r"x \in [0.5, \infty)", r"\frac{\sqrt{\sqrt{11}+\sqrt{194}}}{15+2\sqrt{33}}", r"12:00", r"\binom{5}{2}",
          r"5!", r"\overline{AB}", r"e^{i\pi}", r"F_n = \sum_{k=0}^{n-1} F_k F_{n-k-1}", r"\prod_{i=1}^{n} (1 + x_i)"]
 _lock = threading.Lock()  # one request in flight at a time; callers in other threads wait
-_proc = None
+_proc = None   # the worker that answers
+_spare = None  # a second, warm worker: a killed one is replaced at once, not after a start-up of seconds
 
 def _readline(proc, timeout):
     # select() rather than a blocking read, so the limit holds in any thread. Each reply is one small
@@ -289,45 +292,68 @@ def _readline(proc, timeout):
         return None
     return os.read(proc.stdout.fileno(), 64).strip() or None
 
-def _kill():
-    global _proc
-    if _proc is not None:
-        _proc.kill()
-        _proc.wait()
-        _proc.stdin.close()
-        _proc.stdout.close()
-        _proc = None
+def _start():
+    p = subprocess.Popen([sys.executable, "-c", _WORKER_SRC, json.dumps(PRIME)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, bufsize=0)
+    p.ready = False  # set once it has said "ready"
+    atexit.unregister(_kill_all)  # (a worker also exits by itself when our end of its stdin closes)
+    atexit.register(_kill_all)
+    return p
+
+def _stop(p):
+    if p is not None:
+        p.kill()
+        p.wait()
+        p.stdin.close()
+        p.stdout.close()
+
+def _kill_all():
+    global _proc, _spare
+    _stop(_proc)
+    _stop(_spare)
+    _proc = _spare = None
+
+def _wait_ready(p):
+    if not p.ready:  # a start-up is not counted in any call's limit
+        p.ready = _readline(p, STARTUP_TIMEOUT_S) == b"ready"
+        if not p.ready:
+            _kill_all()
+            raise RuntimeError("reward: the math_verify worker process failed to start; "
+                               "check that `python -c 'import math_verify'` works (pip install math-verify)")
 
 def _ensure_worker():
-    global _proc
-    if _proc is not None and _proc.poll() is None:
-        return
-    _kill()
-    _proc = subprocess.Popen([sys.executable, "-c", _WORKER_SRC, json.dumps(PRIME)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, bufsize=0)
-    atexit.unregister(_kill)  # (the worker also exits by itself when our end of its stdin closes)
-    atexit.register(_kill)
-    if _readline(_proc, STARTUP_TIMEOUT_S) != b"ready":
-        _kill()
-        raise RuntimeError("reward: the math_verify worker process failed to start; "
-                           "check that `python -c 'import math_verify'` works (pip install math-verify)")
+    """Replace a dead worker by the spare, keep a spare starting, wait until the worker is ready."""
+    global _proc, _spare
+    if _proc is not None and _proc.poll() is not None:
+        _stop(_proc)
+        _proc = None
+    if _proc is None:
+        _proc, _spare = _spare or _start(), None
+    if _spare is None or _spare.poll() is not None:
+        _stop(_spare)
+        _spare = _start()
+    _wait_ready(_proc)
 
 def warmup():
-    """Start the math_verify worker now (a few s) rather than on the first symbolic comparison."""
+    """Start the math_verify workers now (a few s, both at once) rather than on the first symbolic comparison."""
     with _lock:
         _ensure_worker()
+        _wait_ready(_spare)
 
 def _verify(gold, pred, timeout):
+    global _proc
     with _lock:
         _ensure_worker()
         try:  # the worker gives up by itself at ALARM_FRACTION * timeout and stays warm
             _proc.stdin.write(json.dumps([gold, pred, ALARM_FRACTION * timeout]).encode() + b"\n")
         except OSError:
-            _kill()
+            _stop(_proc)
+            _proc = None
             return False
         reply = _readline(_proc, timeout)
-        if reply is None:  # stuck where its alarm cannot reach (or crashed): kill it, the next call starts a fresh one
-            _kill()
+        if reply is None:  # stuck where its alarm cannot reach (or crashed): kill it, the spare takes over
+            _stop(_proc)
+            _proc = None
             return False
         return reply == b"1"
 

@@ -5,6 +5,7 @@ Tests for reward.py: extraction, equivalence, adversarial inputs (fast, in any t
 """
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -219,6 +220,40 @@ def test_timeout_keeps_the_worker(warm_worker):
     t0 = time.perf_counter()
     assert is_equiv("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}")
     assert time.perf_counter() - t0 < 1.0
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_killed_worker_is_replaced_at_once(runner):
+    # a worker stuck where its own alarm cannot reach (here: frozen) is killed at the limit, and the warm spare
+    # answers the very next call: no start-up of seconds inside any call's limit
+    reward.warmup()  # the worker and its spare are both ready
+    frozen = reward._proc
+    os.kill(frozen.pid, signal.SIGSTOP)
+    t0 = time.perf_counter()
+    assert RUNNERS[runner](lambda: is_equiv("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", timeout=0.5)) is False
+    assert time.perf_counter() - t0 < 1.0
+    assert frozen.poll() is not None and reward._proc is None  # killed
+    t0 = time.perf_counter()
+    assert RUNNERS[runner](lambda: is_equiv("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"))
+    assert time.perf_counter() - t0 < 1.0, f"took {time.perf_counter() - t0:.2f}s"
+    assert reward._spare is not None and reward._spare.poll() is None  # a new spare is starting
+
+def test_two_kills_in_a_row_wait_for_a_start_up_not_a_wrong_verdict():
+    # the third call finds the new spare still starting: it waits for it (seconds), and the verdict stays right
+    reward.warmup()
+    for _ in range(2):
+        os.kill(reward._spare.pid if reward._proc is None else reward._proc.pid, signal.SIGSTOP)
+        assert is_equiv("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", timeout=0.5) is False
+    assert not reward._spare.ready
+    assert is_equiv("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", timeout=0.5)
+
+def test_worker_that_cannot_start_is_one_clear_error(monkeypatch):
+    reward._kill_all()
+    monkeypatch.setattr(reward, "_WORKER_SRC", "raise SystemExit(1)")  # as if math_verify were not installed
+    with pytest.raises(RuntimeError, match="pip install math-verify"):
+        is_equiv("\\{1,2\\}", "\\{2,1\\}")
+    assert reward._proc is None and reward._spare is None
+    monkeypatch.undo()
+    assert is_equiv("\\{1,2\\}", "\\{2,1\\}")
 
 def test_concurrent_threads(warm_worker):
     from concurrent.futures import ThreadPoolExecutor
