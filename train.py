@@ -157,6 +157,9 @@ try:
         raise ValueError(f"--algo={cfg.algo}: --tis_cap, --dual_clip and --old_logp=recompute are GRPO options")
     if cfg.algo == "dpo_offline" and cfg.sample_dtype:
         raise ValueError(f"--sample_dtype={cfg.sample_dtype}: dpo_offline samples nothing; drop it")
+    if cfg.fsdp and cfg.dtype == "bfloat16" and cfg.sample_dtype in ("float32", "bfloat16_emul"):
+        raise ValueError(f"--sample_dtype={cfg.sample_dtype} with --fsdp --dtype=bfloat16: FSDP gathers the weights "
+                         "in bf16, so the sampler cannot run in fp32; use --dtype=float32 or drop --sample_dtype")
 except (ValueError, FileNotFoundError) as e:
     die(e)
 if cfg.dry_run:  # memory and step-time plan on cfg.gpus x cfg.gpu, no weights loaded; exits (2 if it cannot fit)

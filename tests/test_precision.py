@@ -94,6 +94,7 @@ def test_bf16_emulated_sampling_logs_its_mismatch_and_tis(setup, tmp_path):
     (["--tis_cap=-1", "--old_logp=recompute"], "a cap >= 0"),
     (["--dual_clip=0.5"], "0 (off) or a cap c > 1"),
     (["--algo=dpo", "--old_logp=recompute"], "are GRPO options"),
+    (["--fsdp=True", "--dtype=bfloat16", "--sample_dtype=float32"], "FSDP gathers the weights in bf16"),
 ])
 def test_bad_precision_flags(setup, tmp_path, args, expect):
     assert expect in one_error_line(run(setup, tmp_path, *args))
