@@ -45,11 +45,12 @@ class Config:
     n_perm: int = 200          # shuffled baselines
     seed: int = 0
     threads: int = 0
-    out: str = "results/covariance.json"
+    out: str = "results/covariance/covariance.json"
     quick: bool = False
 
 
-QUICK = dict(n_prompts=4, n_responses=4, max_new_tokens=24, dim=512, n_perm=50, out="results/covariance_quick.json")
+QUICK = dict(n_prompts=4, n_responses=4, max_new_tokens=24, dim=512, n_perm=50,
+             out="results/covariance/covariance_quick.json")
 
 
 def count_sketch(numel, dim, seed):

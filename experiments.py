@@ -5,14 +5,15 @@ subprocess per run, eval.evaluate on the final policy (per problem), then a tabl
     python experiments.py                  # default: 6 methods x 3 seeds, SmolLM2-135M, synthetic:1 (~3 h estimated, 2 CPUs)
     python experiments.py --dry_run        # print the grid and the time estimate, run nothing
     python experiments.py --quick          # smoke grid: 1 seed x 2 steps of 8 prompts (~10 min on 2 CPU cores)
-    python experiments.py --methods=grpo16,grpo2 --seeds=5 --out=results/g2 --runs=runs/g2
+    python experiments.py --methods=grpo16,grpo2 --seeds=5 --out=results/grids/g2 --runs=runs/g2
     python experiments.py --train_n=64 --num_steps=40 --prompts_per_step=16 --rollouts_per_update=32  # 10 epochs
-    python experiments.py --report_only    # rebuild results/RESULTS.md and the plots from the JSONs
-    python experiments.py --train_extra="--dual_clip=3" --out=results/dual_clip  # a hypothesis: extra train.py args
-    python experiments.py --methods=grpo2 --rollouts_per_update=8 --base_from=results/control  # one arm changed
-    python experiments.py --difficulty --eval_n=64 --max_new_tokens=48  # base pass rates -> results/difficulty.json
+    python experiments.py --report_only    # rebuild <out>/RESULTS.md and the plots from the JSONs
+    python experiments.py --train_extra="--dual_clip=3" --out=results/ablations/dual_clip  # one hypothesis
+    python experiments.py --methods=grpo2 --rollouts_per_update=8 --base_from=results/ablations/control  # one arm
+    python experiments.py --difficulty --eval_n=64 --max_new_tokens=48  # -> results/difficulty/level1.json
 
--> results/<method>_s<seed>.json, results/RESULTS.md (printed too), results/acc_vs_time.png, acc_vs_rollouts.png.
+-> <out>/<method>_s<seed>.json, <out>/RESULTS.md (printed too), <out>/acc_vs_time.png, acc_vs_rollouts.png; the
+default out is results/grids/default (results/README.md: the study, and which folder holds what).
 It resumes: a run whose results JSON exists is skipped, an interrupted one continues from runs/<method>_s<seed>/ckpt.pt.
 16-GRPO is ~40% of the estimate, evals ~25%; time it on an otherwise idle machine, the ratios depend on it.
 
@@ -78,11 +79,11 @@ class Config:
     train_extra: str = ""          # more train.py args for every run, space-separated, last (they win): one hypothesis
                                    # a grid, e.g. "--dual_clip=3" or "--norm_dropped=True --warmup_steps=2"
     base_from: str = ""            # a grid dir whose 16-GRPO runs are this report's base, when a hypothesis changes
-                                   # the other arm only, e.g. results/control (its settings, stated in the report)
+                                   # the other arm only, e.g. results/ablations/control (its settings, in the report)
     difficulty: bool = False       # only measure the initial policy's pass rate on each held-out problem (hypothesis 2)
-    difficulty_json: str = "results/difficulty.json"  # written by --difficulty; read by the report's per-difficulty table
+    difficulty_json: str = "results/difficulty/level1.json"  # written by --difficulty; read by the report
     difficulty_samples: int = 16   # samples per problem for that pass rate, at train.py's sampling (T=1)
-    out: str = "results"
+    out: str = "results/grids/default"
     runs: str = "runs"
     quick: bool = False
     report_only: bool = False
@@ -90,7 +91,7 @@ class Config:
 
 
 QUICK = dict(seeds=1, num_steps=2, prompts_per_step=8, rollouts_per_update=16, max_new_tokens=32, eval_every=1,
-             save_every=1, eval_n=16, n_samples=2, out="results/quick", runs="runs/quick")
+             save_every=1, eval_n=16, n_samples=2, out="results/grids/quick", runs="runs/quick")
 # rough costs on 2 CPU cores for SmolLM2-135M at <= 64 tokens, per rollout sampled / trained on (the 2026-11-28
 # CPU grid: 0.09-0.16 s sampling, 0.1-0.14 s update, 16-GRPO at the low end; dev machines differ up to 2x)
 SEC_ROLLOUT, SEC_UPDATE, SEC_EVAL_ROW, SEC_PROC, P_CORRECT = 0.12, 0.15, 0.15, 15, 0.3
