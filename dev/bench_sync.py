@@ -1,6 +1,6 @@
 """
 Gradient sync over ranks, side by side on the same model and batch: one all-reduce per parameter tensor (what
-train.py does), flattened buckets, and PyTorch's DDP wrapper (buckets, overlapped with backward). Results: README.
+train.py does), flattened buckets, and PyTorch's DDP wrapper (buckets, overlapped with backward). Results: dev/perf.md.
 The hand syncs are timed alone (median over --reps, on the gradients of one backward); the DDP wrapper's sync cannot
 be timed apart from its backward, so its row is (forward + backward + sync) minus plain forward + backward, the two
 timed alternately.
