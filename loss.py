@@ -3,7 +3,8 @@ Losses for GRPO-k, 2-GRPO and DPO. Pure functions, torch only, nothing happens o
 Equation numbers are from "It Takes Two: Your GRPO Is Secretly DPO" (arXiv 2510.00977 v2).
 
 Conventions (and where they depart from the paper, verl or TRL):
-1. Advantage (Eq. 6): A_i = (r_i - mean(r)) / (std(r) + eps) per group of k samples, same for every token.
+1. Advantage (Eq. 6), group_advantages: A_i = (r_i - mean(r)) / (std(r) + eps) per group of k samples, the
+   same for every token.
    Rewards are laid out group-contiguously: prompt0 sample0..k-1, prompt1 sample0..k-1, ...
    - std is the POPULATION std by default (the paper's notation), so a mixed 2-GRPO pair gets exactly
      +1/-1 as in Eq. 14 (with eps=0; eps=1e-6 shrinks it by 2e-6), and binary rewards at any k give
@@ -12,9 +13,9 @@ Conventions (and where they depart from the paper, verl or TRL):
      Reproduce with unbiased=True. scale="none" is Dr. GRPO's r - mean: ±0.5 at k=2.
    - eps = 1e-6 as verl (TRL uses 1e-4). Groups whose rewards are all equal get EXACTLY 0 (forced, not
      eps-noise), so eps=0 is safe. verl gives a singleton group mean 0 / std 1; here k=1 gives 0.
-2. Zero-variance groups (informative_groups): they have A=0, hence no gradient when kl_coef=0, so the
+2. Zero-variance groups, informative_groups: they have A=0, hence no gradient when kl_coef=0, so the
    trainer drops them before forward/backward. With kl_coef>0 they would carry KL-only gradient (TRL #5640).
-3. Policy loss (Eq. 4-5), token level: ratio = exp(logp - old_logp), log-ratio clamped to ±20 as verl;
+3. Policy loss (Eq. 4-5), grpo_loss, token level: ratio = exp(logp - old_logp), log-ratio clamped to ±20 as verl;
    per-token loss = -min(A*ratio, A*clip(ratio, 1-clip_low, 1+clip_high)).
    - Clip-higher as DAPO and the paper (App. C.1): clip_low=0.2, clip_high=0.28.
    - Dual-clip (dual_clip=c, verl's clip_ratio_c; off by default here, verl's default is c=3): for A<0 the
@@ -24,7 +25,7 @@ Conventions (and where they depart from the paper, verl or TRL):
    - "Clipped" tokens are the ones where the clip bites, i.e. get zero gradient: ratio < 1-clip_low with
      A < 0 (clipfrac_low) and ratio > 1+clip_high with A > 0 (clipfrac_high). Tokens outside the band on
      the other side keep their (unclipped) gradient, as min() picks the unclipped term there.
-4. Aggregation (agg), made invariant to micro-batching by a normaliser computed ONCE on the whole
+4. Aggregation (grpo_loss's agg), made invariant to micro-batching by a normaliser computed ONCE on the whole
    mini-batch mask (loss_norm) and passed to every micro-batch call:
    - "seq_mean" (the paper's Eq. 4/18, verl "seq-mean-token-mean", TRL "grpo"): per-sequence token mean,
      then mean over sequences. Per-token weight 1/|o_i| is local to a row; norm = number of sequences.
@@ -35,20 +36,22 @@ Conventions (and where they depart from the paper, verl or TRL):
    forward); the paper's Eq. 18, verl and TRL count every row, dropped ones too (--norm_dropped=True), which
    at a 70% drop rate makes 2-GRPO's gradient ~3x smaller. The default keeps every earlier result here
    comparable; the flag reproduces the others' scale.
-8. Sampler/trainer mismatch: when old_logp is recomputed by the trainer (verl's compute_log_prob) the sampler's
-   own log-probs differ by numerics (bf16 sampling, other kernels). sampler_mismatch measures it (mean/max
-   |diff|, k3 KL(sampler || trainer) on the sampler's tokens). Truncated importance sampling (TIS, tis_cap=C,
-   as verl/TRL's vLLM IS correction) weights each token's policy loss by min(pi_old / pi_sampler, C),
-   detached: the tokens were drawn from the sampler, not from pi_old. The KL term is not weighted (as TRL).
-5. KL to a reference (optional): k3 estimator exp(ref - logp) - (ref - logp) - 1 per token, times kl_coef,
-   added to the per-token loss. Default kl_coef=0 (verl use_kl_loss=false, TRL beta=0; the paper omits it,
-   footnote 2). verl calls k3 "low_var_kl" and also clamps it to [-10, 10]; we only clamp the log-ratio.
-6. 2-GRPO as a pairwise objective (Eq. 14): with k=2, population std and a mixed pair, A = +1 for o+ and
-   -1 for o-, so on-policy (ratio = 1) the gradient of the objective is
+5. Sampler/trainer mismatch, sampler_mismatch and grpo_loss's tis_cap: when old_logp is recomputed by the
+   trainer (verl's compute_log_prob) the sampler's own log-probs differ by numerics (bf16 sampling, other
+   kernels). sampler_mismatch measures it (mean/max |diff|, k3 KL(sampler || trainer) on the sampler's
+   tokens). Truncated importance sampling (TIS, tis_cap=C, as verl/TRL's vLLM IS correction) weights each
+   token's policy loss by min(pi_old / pi_sampler, C), detached: the tokens were drawn from the sampler, not
+   from pi_old. The KL term is not weighted (as TRL).
+6. KL to a reference (optional), k3_kl and grpo_loss's kl_coef: k3 estimator exp(ref - logp) - (ref - logp) - 1
+   per token, times kl_coef, added to the per-token loss. Default kl_coef=0 (verl use_kl_loss=false, TRL
+   beta=0; the paper omits it, footnote 2). verl calls k3 "low_var_kl" and also clamps it to [-10, 10]; we
+   only clamp the log-ratio.
+7. 2-GRPO as a pairwise objective (Eq. 14), grpo_loss with k=2: with k=2, population std and a mixed pair,
+   A = +1 for o+ and -1 for o-, so on-policy (ratio = 1) the gradient of the objective is
    1/2 (grad mean_t log pi(o+) - grad mean_t log pi(o-)): a 1-vs-1 contrastive loss, like DPO's gradient
    (Lemma B.1) but with token-MEAN log-probs and a constant weight instead of sigmoid(r_hat(o-) - r_hat(o+)).
    No new loss term: it is grpo_loss with k=2 (as the paper, which used verl GRPO with rollout.n=2).
-7. DPO (Eq. 9) on SUMMED sequence log-probs (seq_logp), as the DPO reference repo
+8. DPO (Eq. 9), dpo_loss, on SUMMED sequence log-probs (seq_logp), as the DPO reference repo
    (eric-mitchell/direct-preference-optimization, preference_loss): sigmoid loss, label smoothing =
    conservative DPO (cDPO), ipo=True for IPO's (h - 1/(2 beta))^2. Mean over pairs.
 """
@@ -148,7 +151,7 @@ def grpo_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, agg="seq_
     logp, old_logp, ref_logp, sampler_logp, mask: (B, T), mask 1 on completion tokens; adv: (B,).
     norm: loss_norm() of the whole mini-batch; None computes it from this batch.
     dual_clip: c > 1 caps the loss of A<0 tokens at -A*c (verl's clip_ratio_c); 0 = off (item 3).
-    tis_cap: C > 0 weights the policy loss by min(exp(old_logp - sampler_logp), C), detached (TIS, item 8).
+    tis_cap: C > 0 weights the policy loss by min(exp(old_logp - sampler_logp), C), detached (TIS, item 5).
     Returns (loss scalar, metrics dict of 0-dim detached tensors; token metrics are local to this batch)."""
     mask = mask.to(logp.dtype) # (B, T)
     A = adv.to(logp.dtype).unsqueeze(1) # (B, 1), one advantage for all tokens of a sequence (Eq. 6)
