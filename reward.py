@@ -166,7 +166,8 @@ def normalize_answer(s):
     return re.sub(r"^(-?)\.(\d)", r"\g<1>0.\2", s)        # .5 -> 0.5
 
 def _to_number(s):
-    """Exact value of a normalised plain number (int, decimal, a/b, \\frac{a}{b}, mixed 1 1/2 or 3\\frac{1}{8}) or None."""
+    """Exact value of a normalised plain number (int, decimal, a/b, \\frac{a}{b}, mixed 1 1/2 or 3\\frac{1}{8}, a power
+    2^{64} or 1.5\\times10^{3}) or None."""
     m = re.fullmatch(r"-?\d+(?:\.\d+)?", s)
     if m:
         return Fraction(s)
@@ -174,6 +175,11 @@ def _to_number(s):
     if m:
         a, b = (int(m[3]), int(m[4])) if m[3] else (int(m[5]), int(m[6]))
         value = int(m[2]) + Fraction(a, b) if 0 < a < b else None
+        return -value if value is not None and m[1] else value
+    m = re.fullmatch(r"(-?)(\d+(?:\.\d+)?)((?:\\times|\\cdot)10)?\^(?:\{(-?\d{1,3})\}|(\d))", s)  # 2^{64}, 1.5\times10^{3}
+    if m:  # exact, whatever the size (a float makes 10^{400} inf)
+        base, exp = Fraction(m[2]), int(m[4] or m[5])
+        value = base * Fraction(10) ** exp if m[3] else base ** exp if base or exp > 0 else None
         return -value if value is not None and m[1] else value
     m = (re.fullmatch(r"(-?)(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", s)
          or re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s))
@@ -221,7 +227,7 @@ def parse_all(s):  # None when math_verify read only part of s ("1 - \\frac{1}{e
     r = parse("$" + s + "$", parsing_timeout=None)
     return r if len(r) == 2 and letters(s) <= letters(r[1]) else None
 import random
-from sympy import Eq, Expr, Float, I, Integral, Limit, Product, Sum
+from sympy import Eq, Expr, Float, I, Integral, Limit, Product, Sum, oo
 def numeric_eq(a, b):
     # simplify(a - b) can take seconds on a sum of products; values at 3 fixed random points decide in
     # milliseconds (positive points: no branch cuts). Equations match when lhs - rhs are proportional.
@@ -236,14 +242,24 @@ def numeric_eq(a, b):
     syms = sorted(a.free_symbols | b.free_symbols, key=str)
     if not syms and (ratio or a.atoms(Float) or b.atoms(Float)):
         return None  # plain numbers: math_verify's rounding rules
+    if not syms and a.is_Rational and b.is_Rational:
+        return a == b  # exact, whatever the size: 999! != 100!
     rng, vals = random.Random(0), []
     for _ in range(3):
         point = {s: rng.uniform(0.5, 1.5) for s in syms}
-        va, vb = complex(a.evalf(30, subs=point)), complex(b.evalf(30, subs=point))
-        vals.append((va / vb, 1.0) if ratio and vb != 0 else (va, vb))
-    if ratio:
-        return all(v[1] == 1.0 for v in vals) and all(abs(v[0] - vals[0][0]) <= 1e-9 * abs(vals[0][0]) for v in vals) and vals[0][0] != 0
-    return all(abs(va - vb) <= 1e-9 * max(1.0, abs(va), abs(vb)) for va, vb in vals)
+        va, vb = a.evalf(30, subs=point), b.evalf(30, subs=point)  # sympy numbers: 10^{400} does not overflow
+        if not (va.is_number and vb.is_number):
+            return None
+        if not (va.is_finite and vb.is_finite):  # inf, nan, zoo: |inf - b| <= tol * inf holds for every b
+            if va == vb and va in (oo, -oo) and not ratio:
+                continue
+            return False
+        if ratio:  # equations: lhs - rhs in one fixed, nonzero ratio at every point
+            if va == 0 or vb == 0:
+                return False
+            va, vb = va / vb, vals[0][0] if vals else va / vb
+        vals.append((va, vb))
+    return all(abs(va - vb) <= 1e-9 * max(abs(va), abs(vb), 0 if ratio else 1) for va, vb in vals)
 def check(gold, pred):
     g, p = parse_all(gold), parse_all(pred)
     if g is None or p is None:
