@@ -43,6 +43,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from fractions import Fraction
 
 MAX_TAIL_CHARS = 4096    # only the end of a completion is searched for the answer
@@ -51,6 +52,8 @@ MAX_DEPTH = 10           # brace/paren nesting allowed in an answer
 TIMEOUT_S = 1.0          # wall-clock limit for one math_verify comparison (oat uses 1 s too)
 ALARM_FRACTION = 0.7     # the worker stops a comparison itself at this share of the limit (no restart needed)
 STARTUP_TIMEOUT_S = 60.0 # worker start-up (imports sympy) is not counted in TIMEOUT_S
+HUNG_S = 5.0             # a worker still silent this long after its call's deadline is killed and replaced
+WORKERS = max(2, min(4, os.cpu_count() or 1))  # math_verify processes (~100 MB each); 2: a spare when one is killed
 FALLBACKS = ("boxed", "answer", "hash", "last_number")
 
 # -----------------------------------------------------------------------------
@@ -130,7 +133,7 @@ def _clean(s):
     s = re.sub(r",\s*\\!\s*", ",", s.strip().replace("\n", " ").replace("\u2212", "-"))  # 11,\! 111 is 11,111
     for old, new in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\displaystyle", ""), ("{,}", ","),
                      ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""),
-                     ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\%", ""), ("%", ""),
+                     ("\\right", ""), ("\\varnothing", "\\emptyset"), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\%", ""), ("%", ""),
                      ("\\$", ""), ("$", ""), ("!=", "\\neq ")):
         s = s.replace(old, new)
     s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, "\\ " a matrix row break
@@ -139,6 +142,7 @@ def _clean(s):
     for _ in range(3):  # \text{\textbf{(B)}} -> (B); \mathrm{e} -> e, so math_verify reads all of 2\mathrm{e}
         s = _TEXT_CMD.sub(r"\1", s)
     s = _TRAILING_UNITS.sub("", s).strip().rstrip(".").strip()
+    s = re.sub(r"^all real numbers$", r"\\mathbb{R}", s)
     s = re.sub(r"\\sqrt(\[\w+\])?(\w)", r"\\sqrt\1{\2}", s.strip())  # \sqrt2 -> \sqrt{2}, \sqrt[3]2 -> \sqrt[3]{2}
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
     s = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", s)
@@ -220,14 +224,17 @@ out = os.fdopen(os.dup(1), "wb", buffering=0)
 os.dup2(2, 1)  # stray prints must not corrupt the protocol
 logging.disable(logging.CRITICAL)  # math_verify warns that its own timeouts are off
 import re
-from math_verify import parse, verify
+try:
+    from math_verify import parse, verify
+except ImportError:  # the parent says so in one line
+    sys.exit(1)
 def letters(s):  # the variables and constants of an answer, not the names of its commands
     return set(re.findall(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", " ", s)))
 def parse_all(s):  # None when math_verify read only part of s ("1 - \\frac{1}{e}" as 1, "\\sin^2 t" as sin^2)
     r = parse("$" + s + "$", parsing_timeout=None)
     return r if len(r) == 2 and letters(s) <= letters(r[1]) else None
 import random
-from sympy import Eq, Expr, Float, I, Integral, Limit, Product, Sum, oo
+from sympy import Eq, Expr, FiniteSet, Float, I, Integral, Limit, Product, Sum, Tuple, oo
 def numeric_eq(a, b):
     # simplify(a - b) can take seconds on a sum of products; values at 3 fixed random points decide in
     # milliseconds (positive points: no branch cuts). Equations match when lhs - rhs are proportional.
@@ -260,9 +267,11 @@ def numeric_eq(a, b):
             va, vb = va / vb, vals[0][0] if vals else va / vb
         vals.append((va, vb))
     return all(abs(va - vb) <= 1e-9 * max(abs(va), abs(vb), 0 if ratio else 1) for va, vb in vals)
+def infinite_points(e):  # {-oo, oo}, which math_verify matches with the interval (-oo, oo) as if it were a pair
+    return isinstance(e, (FiniteSet, Tuple)) and any(x.is_infinite for x in e.args)
 def check(gold, pred):
     g, p = parse_all(gold), parse_all(pred)
-    if g is None or p is None:
+    if g is None or p is None or infinite_points(g[0]) != infinite_points(p[0]):
         return False
     try:
         fast = numeric_eq(g[0], p[0])
@@ -273,19 +282,23 @@ for s in json.loads(sys.argv[1]):  # see PRIME
     parse_all(s)
 check("x^2+2x+1", "(x+1)^2")  # load sympy's simplify too before reporting ready
 out.write(b"ready\n")
+class Alarm(BaseException):  # not an Exception: math_verify and sympy catch those and carry on
+    pass
 def alarm(signum, frame):
-    raise TimeoutError
+    raise Alarm
 signal.signal(signal.SIGALRM, alarm)  # (this is the worker's main thread, where signals work)
 for line in sys.stdin.buffer:
     try:
         gold, pred, limit = json.loads(line)
-        signal.setitimer(signal.ITIMER_REAL, limit)
-        ok = check(gold, pred)
-    except BaseException:  # a TimeoutError, or anything sympy raises
-        ok = False
+        signal.setitimer(signal.ITIMER_REAL, max(limit, 1e-3))
+        reply = b"1\n" if check(gold, pred) else b"0\n"
+    except Alarm:
+        reply = b"t\n"
+    except BaseException:  # anything sympy raises
+        reply = b"0\n"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    out.write(b"1\n" if ok else b"0\n")
+    out.write(reply)
 """
 # math_verify's ANTLR parser builds its lookahead tables lazily: the first \sum, matrix or inequality it meets
 # costs up to ~1 s (the "slow sum of products"), later ones milliseconds. The worker parses these shapes at
@@ -297,81 +310,129 @@ PRIME = [r"\frac{1}{2}", r"\sqrt{2}+\sqrt[3]{5}", r"(1, \frac{9}{2})", r"[0, \in
          r"\sin(x)\cos^2 y + \tan\theta", r"\log_2 8 + \ln e", r"4210_{7}", r"f(x) = 2x + 3", r"3.5\pi i",
          r"x \in [0.5, \infty)", r"\frac{\sqrt{\sqrt{11}+\sqrt{194}}}{15+2\sqrt{33}}", r"12:00", r"\binom{5}{2}",
          r"5!", r"\overline{AB}", r"e^{i\pi}", r"F_n = \sum_{k=0}^{n-1} F_k F_{n-k-1}", r"\prod_{i=1}^{n} (1 + x_i)"]
-_lock = threading.Lock()  # one request in flight at a time; callers in other threads wait
-_proc = None   # the worker that answers
-_spare = None  # a second, warm worker: a killed one is replaced at once, not after a start-up of seconds
+_cond = threading.Condition()  # guards the four below; notified when a worker is freed, ready, failed or gone
+_pool = []     # every live worker, starting or ready
+_idle = []     # ready workers that no call is using
+_error = None  # why the last start-up failed (math_verify missing), raised to the calls waiting for it
+timeouts = 0   # comparisons scored 0 without a verdict (deadline passed in the queue or in sympy): log it
 
 def _readline(proc, timeout):
     # select() rather than a blocking read, so the limit holds in any thread. Each reply is one small
     # write, which a pipe delivers whole; b"" means the worker died.
-    if not select.select([proc.stdout], [], [], timeout)[0]:
+    if not select.select([proc.stdout], [], [], max(timeout, 0))[0]:
         return None
     return os.read(proc.stdout.fileno(), 64).strip() or None
 
-def _start():
-    p = subprocess.Popen([sys.executable, "-c", _WORKER_SRC, json.dumps(PRIME)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, bufsize=0)
-    p.ready = False  # set once it has said "ready"
-    atexit.unregister(_kill_all)  # (a worker also exits by itself when our end of its stdin closes)
-    atexit.register(_kill_all)
-    return p
-
 def _stop(p):
-    if p is not None:
-        p.kill()
-        p.wait()
-        p.stdin.close()
-        p.stdout.close()
+    p.kill()
+    p.wait()
+    p.stdin.close()
+    p.stdout.close()
+
+def _await_ready(p):  # in a thread per start-up, so the workers already up keep answering
+    global _error
+    try:
+        p.ready = _readline(p, STARTUP_TIMEOUT_S) == b"ready"
+    except (OSError, ValueError):  # stopped meanwhile by _kill_all
+        p.ready = False
+    with _cond:
+        if p in _pool and p.ready:
+            _idle.append(p)
+            _error = None
+        elif p in _pool:  # no more start-ups until every worker is ready or gone (math_verify is missing?)
+            _pool.remove(p)
+            _error = ("reward: the math_verify worker process failed to start; check that "
+                      "`python -c 'import math_verify'` works (pip install math-verify)")
+        _cond.notify_all()
+    if not p.ready:
+        _stop(p)
+
+def _fill():  # (under _cond) start workers until there are WORKERS: a killed one is replaced at once
+    while not _error and len(_pool) < WORKERS:
+        p = subprocess.Popen([sys.executable, "-c", _WORKER_SRC, json.dumps(PRIME)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, bufsize=0)
+        p.ready = False
+        _pool.append(p)
+        threading.Thread(target=_await_ready, args=(p,), daemon=True).start()
+
+def _wait(timeout):  # (under _cond) for a worker's news; an error once every start-up has failed
+    if _error and not _pool:
+        raise RuntimeError(_error)
+    _cond.wait(timeout)
+
+def _acquire(timeout):
+    """(a ready worker, its deadline), or (None, None) when none was free within timeout. A start-up is not
+    counted: while no worker is ready (the first call, or just after a kill of each), a call waits for one."""
+    global _error
+    with _cond:
+        _error = _error if _pool else None  # nothing alive: a fresh start, whatever failed before
+        deadline = None
+        while not _idle:
+            _fill()
+            if any(p.ready for p in _pool):  # all busy: wait for one, within the call's limit
+                deadline = deadline or time.monotonic() + timeout
+                if deadline <= time.monotonic():
+                    return None, None
+                _wait(deadline - time.monotonic())
+            else:
+                _wait(STARTUP_TIMEOUT_S)
+        return _idle.pop(), deadline or time.monotonic() + timeout
+
+def _release(p, reply):  # a worker that answered goes back to the pool; one that did not is killed and replaced
+    with _cond:
+        if reply is not None:
+            _idle.append(p)
+        elif p in _pool:
+            _pool.remove(p)
+            _fill()
+        _cond.notify_all()
+    if reply is None:
+        _stop(p)
+
+def _reap(p):  # a worker that missed its call's deadline: its own alarm frees it soon, or it is killed
+    try:
+        _release(p, _readline(p, HUNG_S))
+    except (OSError, ValueError):  # stopped meanwhile by _kill_all
+        pass
 
 def _kill_all():
-    global _proc, _spare
-    _stop(_proc)
-    _stop(_spare)
-    _proc = _spare = None
+    with _cond:
+        workers = _pool[:]
+        _pool.clear()
+        _idle.clear()
+    for p in workers:
+        _stop(p)
 
-def _wait_ready(p):
-    if not p.ready:  # a start-up is not counted in any call's limit
-        p.ready = _readline(p, STARTUP_TIMEOUT_S) == b"ready"
-        if not p.ready:
-            _kill_all()
-            raise RuntimeError("reward: the math_verify worker process failed to start; "
-                               "check that `python -c 'import math_verify'` works (pip install math-verify)")
-
-def _ensure_worker():
-    """Replace a dead worker by the spare, keep a spare starting, wait until the worker is ready."""
-    global _proc, _spare
-    if _proc is not None and _proc.poll() is not None:
-        _stop(_proc)
-        _proc = None
-    if _proc is None:
-        _proc, _spare = _spare or _start(), None
-    if _spare is None or _spare.poll() is not None:
-        _stop(_spare)
-        _spare = _start()
-    _wait_ready(_proc)
+atexit.register(_kill_all)  # (a worker also exits by itself when our end of its stdin closes)
 
 def warmup():
-    """Start the math_verify workers now (a few s, both at once) rather than on the first symbolic comparison."""
-    with _lock:
-        _ensure_worker()
-        _wait_ready(_spare)
+    """Start the math_verify workers now (seconds, all at once) rather than on the first symbolic comparison."""
+    global _error
+    with _cond:
+        _error = _error if _pool else None
+        _fill()
+        while not (_pool and all(p.ready for p in _pool)):
+            _wait(STARTUP_TIMEOUT_S)
 
 def _verify(gold, pred, timeout):
-    global _proc
-    with _lock:
-        _ensure_worker()
-        try:  # the worker gives up by itself at ALARM_FRACTION * timeout and stays warm
-            _proc.stdin.write(json.dumps([gold, pred, ALARM_FRACTION * timeout]).encode() + b"\n")
-        except OSError:
-            _stop(_proc)
-            _proc = None
-            return False
-        reply = _readline(_proc, timeout)
-        if reply is None:  # stuck where its alarm cannot reach (or crashed): kill it, the spare takes over
-            _stop(_proc)
-            _proc = None
-            return False
-        return reply == b"1"
+    """math_verify's verdict within timeout seconds of the call, the queue included; False past it."""
+    global timeouts
+    p, deadline = _acquire(timeout)
+    reply = None
+    if p is not None:
+        try:  # the worker gives up by itself at ALARM_FRACTION of the time left ("t") and stays warm
+            p.stdin.write(json.dumps([gold, pred, ALARM_FRACTION * (deadline - time.monotonic())]).encode() + b"\n")
+            reply = _readline(p, deadline - time.monotonic())
+        except (OSError, ValueError):  # it died (or _kill_all stopped it)
+            _release(p, None)
+        else:
+            if reply is None:  # past the deadline the call scores 0 at once; _reap frees (or kills) the worker
+                threading.Thread(target=_reap, args=(p,), daemon=True).start()
+            else:
+                _release(p, reply)
+    with _cond:
+        timeouts += reply in (None, b"t")
+    return reply == b"1"
 
 # -----------------------------------------------------------------------------
 # public entry points
@@ -382,7 +443,9 @@ def is_equiv(pred, gold, timeout=TIMEOUT_S):
     if not pred or len(pred) > MAX_ANSWER_CHARS:
         return False
     p, g = normalize_answer(pred), normalize_answer(gold)
-    if p and p == g:
+    if not p.strip("{}"):  # an empty box: "\\boxed{{}}" would be read as the empty set
+        return False
+    if p == g:
         return True
     gold_num = _to_number(g)
     if gold_num is not None:  # numeric ground truth: exact numeric comparison only
