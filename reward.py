@@ -9,15 +9,19 @@ Cheapest first, so the common case never leaves this process:
      "answer" (DAPO's last "Answer: x" line), "hash" (GSM8K "#### x"), "last_number".
   2. clean up ($, \\left, \\dfrac/\\cfrac, {,}, trailing units and \\text, ^\\circ, \\%, "and"/"or" lists), normalise
      (spaces, 1,000, .0, "x =") and compare the strings.
-  3. plain numbers (int, decimal, a/b, \\frac{a}{b}, mixed 1 1/2) compare exactly. A numeric ground truth needs a
-     plain-number prediction, so \\boxed{12+7} does not earn the reward for "What is 12 + 7?".
-  4. anything else (intervals, sets, sqrt, expressions) goes to math_verify in a persistent worker process. Only a
+  3. plain numbers (int, decimal, a/b, \\frac{a}{b}, mixed 1 1/2, powers 2^{64} and 1.5\\times10^{3}) compare
+     exactly, whatever their size. A numeric ground truth needs a plain-number prediction, so \\boxed{12+7} does
+     not earn the reward for "What is 12 + 7?".
+  4. anything else (intervals, sets, sqrt, expressions) goes to math_verify in a pool of WORKERS processes. Only a
      parse that read the whole answer counts (math_verify reads "1 - \\frac{1}{\\mathrm{e}}" as 1). Expressions and
-     equations are first compared at 3 fixed random points (sympy's simplify can take seconds). The worker stops
-     itself with an alarm at 0.7 of the limit (its own main thread: math_verify's signal.alarm fails in the
-     caller's threads, Math-Verify#50, verl PR#5635) and is killed at the limit; a spare worker, started beside
-     it, takes over at once (a start-up costs seconds and is not counted in the limit: only a call that comes
-     within seconds of two kills waits for one). Timeouts score 0.
+     equations are first compared at 3 fixed random points (sympy's simplify can take seconds), in sympy numbers, not
+     floats (10^{400} and 999! would be inf, and |inf - b| <= tol * inf holds for every b): rationals exactly, inf
+     and nan equal only the same infinity, and a tolerance is relative to finite values. A call gets `timeout`
+     seconds, the wait for a free worker included: past it, it scores 0 at once and counts in reward.timeouts (log
+     it). The worker stops itself with an alarm (in its own main thread: math_verify's signal.alarm fails in the
+     caller's threads, Math-Verify#50, verl PR#5635); one silent HUNG_S longer is killed and replaced. Start-ups
+     (seconds) are not counted: only a call that finds every worker starting waits for one. Steps 1-3 need no
+     math_verify; without it, step 4 raises one RuntimeError that says so.
 Model output is never eval'ed. Inputs are capped before any regex work, and answers hostile to sympy (power
 towers, huge exponents, factorials of expressions, deep nesting) score 0 without reaching it.
 
@@ -33,6 +37,9 @@ Conventions where graders disagree (tests/reward_cases.jsonl holds a case of eac
   - 10\\% is 10 (MARIO also accepts 0.1); units and words after a number are dropped ("5 \\text{ cm}", "9 cm"),
     but a word inside the answer is kept ("6 \\text{ and } 8" is the list 6, 8); "10cm" without a space is kept.
   - "(5)" is 5; "(B)" and "(b)" are the option B; i is the imaginary unit.
+  - universal answers earn nothing: \\infty, 10^{400}, NaN, an empty box or a bare x score 0 against anything but
+    themselves (tests/universal_answers.jsonl); 2\\infty == \\infty (the same infinity), \\pm\\infty is not
+    (-\\infty, \\infty) (Math-Verify reads an interval (a, b) as the pair a, b too).
 """
 
 import atexit
@@ -50,7 +57,7 @@ MAX_TAIL_CHARS = 4096    # only the end of a completion is searched for the answ
 MAX_ANSWER_CHARS = 300   # longer extracted answers score 0 (no ground truth is this long)
 MAX_DEPTH = 10           # brace/paren nesting allowed in an answer
 TIMEOUT_S = 1.0          # wall-clock limit for one math_verify comparison (oat uses 1 s too)
-ALARM_FRACTION = 0.7     # the worker stops a comparison itself at this share of the limit (no restart needed)
+ALARM_FRACTION = 0.9     # the worker stops a comparison itself at this share of the time left (stays warm)
 STARTUP_TIMEOUT_S = 60.0 # worker start-up (imports sympy) is not counted in TIMEOUT_S
 HUNG_S = 5.0             # a worker still silent this long after its call's deadline is killed and replaced
 WORKERS = max(2, min(4, os.cpu_count() or 1))  # math_verify processes (~100 MB each); 2: a spare when one is killed
@@ -133,8 +140,8 @@ def _clean(s):
     s = re.sub(r",\s*\\!\s*", ",", s.strip().replace("\n", " ").replace("\u2212", "-"))  # 11,\! 111 is 11,111
     for old, new in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\displaystyle", ""), ("{,}", ","),
                      ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""),
-                     ("\\right", ""), ("\\varnothing", "\\emptyset"), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\%", ""), ("%", ""),
-                     ("\\$", ""), ("$", ""), ("!=", "\\neq ")):
+                     ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\%", ""), ("%", ""),
+                     ("\\$", ""), ("$", ""), ("!=", "\\neq "), ("\\varnothing", "\\emptyset")):
         s = s.replace(old, new)
     s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, "\\ " a matrix row break
     s = _TRAILING_TEXT.sub("", s)  # units and words after the answer: "5 \text{ cm}", "240\text{ ways.}"
@@ -180,11 +187,13 @@ def _to_number(s):
         a, b = (int(m[3]), int(m[4])) if m[3] else (int(m[5]), int(m[6]))
         value = int(m[2]) + Fraction(a, b) if 0 < a < b else None
         return -value if value is not None and m[1] else value
-    m = re.fullmatch(r"(-?)(\d+(?:\.\d+)?)((?:\\times|\\cdot)10)?\^(?:\{(-?\d{1,3})\}|(\d))", s)  # 2^{64}, 1.5\times10^{3}
-    if m:  # exact, whatever the size (a float makes 10^{400} inf)
+    m = re.fullmatch(r"(-?)(\d+(?:\.\d+)?)((?:\\times|\\cdot)10)?\^(?:\{(-?\d{1,3})\}|(\d))", s)
+    if m:  # 2^{64}, 1.5\times10^{3}: exact, whatever the size (a float makes 10^{400} inf)
         base, exp = Fraction(m[2]), int(m[4] or m[5])
-        value = base * Fraction(10) ** exp if m[3] else base ** exp if base or exp > 0 else None
-        return -value if value is not None and m[1] else value
+        if not m[3] and base == 0 and exp <= 0:  # 0^0, 0^{-1}
+            return None
+        value = base * Fraction(10) ** exp if m[3] else base ** exp
+        return -value if m[1] else value
     m = (re.fullmatch(r"(-?)(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", s)
          or re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s))
     if m and Fraction(m.group(3)) != 0:
@@ -216,7 +225,7 @@ def _sympy_safe(s):
 # math_verify in a worker process with a hard time limit
 
 # A fresh interpreter (not fork: the trainer has torch threads; not multiprocessing spawn: it would re-run a
-# flat train.py script in the child). JSON lines in, "1"/"0" lines out.
+# flat train.py script in the child). JSON lines in; "1", "0" or "t" (timed out) lines out.
 _WORKER_SRC = r"""
 import json, logging, os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
@@ -329,33 +338,37 @@ def _stop(p):
     p.stdin.close()
     p.stdout.close()
 
-def _await_ready(p):  # in a thread per start-up, so the workers already up keep answering
+def _await(p, timeout):
+    """In a thread: p's next line ("ready", or a reply that came after its call's deadline) frees it for the
+    next call; silence or death kills it, and a replacement starts (not after a failed start-up)."""
     global _error
     try:
-        p.ready = _readline(p, STARTUP_TIMEOUT_S) == b"ready"
+        ok = _readline(p, timeout) is not None
     except (OSError, ValueError):  # stopped meanwhile by _kill_all
-        p.ready = False
+        ok = False
     with _cond:
-        if p in _pool and p.ready:
+        if ok and p in _pool:
+            p.ready, _error = True, None
             _idle.append(p)
-            _error = None
-        elif p in _pool:  # no more start-ups until every worker is ready or gone (math_verify is missing?)
+        elif p in _pool:
             _pool.remove(p)
-            _error = ("reward: the math_verify worker process failed to start; check that "
-                      "`python -c 'import math_verify'` works (pip install math-verify)")
+            if not p.ready:
+                _error = ("reward: the math_verify worker process failed to start; check that "
+                          "`python -c 'import math_verify'` works (pip install math-verify)")
+            _fill()
         _cond.notify_all()
-    if not p.ready:
+    if not ok:
         _stop(p)
 
-def _fill():  # (under _cond) start workers until there are WORKERS: a killed one is replaced at once
+def _fill():  # (under _cond) start workers until there are WORKERS
     while not _error and len(_pool) < WORKERS:
         p = subprocess.Popen([sys.executable, "-c", _WORKER_SRC, json.dumps(PRIME)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, bufsize=0)
         p.ready = False
         _pool.append(p)
-        threading.Thread(target=_await_ready, args=(p,), daemon=True).start()
+        threading.Thread(target=_await, args=(p, STARTUP_TIMEOUT_S), daemon=True).start()
 
-def _wait(timeout):  # (under _cond) for a worker's news; an error once every start-up has failed
+def _wait(timeout):  # (under _cond) for news of a worker; an error once every start-up has failed
     if _error and not _pool:
         raise RuntimeError(_error)
     _cond.wait(timeout)
@@ -378,28 +391,9 @@ def _acquire(timeout):
                 _wait(STARTUP_TIMEOUT_S)
         return _idle.pop(), deadline or time.monotonic() + timeout
 
-def _release(p, reply):  # a worker that answered goes back to the pool; one that did not is killed and replaced
-    with _cond:
-        if reply is not None:
-            _idle.append(p)
-        elif p in _pool:
-            _pool.remove(p)
-            _fill()
-        _cond.notify_all()
-    if reply is None:
-        _stop(p)
-
-def _reap(p):  # a worker that missed its call's deadline: its own alarm frees it soon, or it is killed
-    try:
-        _release(p, _readline(p, HUNG_S))
-    except (OSError, ValueError):  # stopped meanwhile by _kill_all
-        pass
-
 def _kill_all():
     with _cond:
-        workers = _pool[:]
-        _pool.clear()
-        _idle.clear()
+        workers, _pool[:], _idle[:] = _pool[:], [], []
     for p in workers:
         _stop(p)
 
@@ -424,13 +418,13 @@ def _verify(gold, pred, timeout):
             p.stdin.write(json.dumps([gold, pred, ALARM_FRACTION * (deadline - time.monotonic())]).encode() + b"\n")
             reply = _readline(p, deadline - time.monotonic())
         except (OSError, ValueError):  # it died (or _kill_all stopped it)
-            _release(p, None)
-        else:
-            if reply is None:  # past the deadline the call scores 0 at once; _reap frees (or kills) the worker
-                threading.Thread(target=_reap, args=(p,), daemon=True).start()
-            else:
-                _release(p, reply)
+            pass
+        if reply is None:  # the call scores 0 now; the worker is freed (or killed) in the background
+            threading.Thread(target=_await, args=(p, HUNG_S), daemon=True).start()
     with _cond:
+        if reply is not None:
+            _idle.append(p)
+            _cond.notify_all()
         timeouts += reply in (None, b"t")
     return reply == b"1"
 
@@ -440,12 +434,10 @@ def _verify(gold, pred, timeout):
 def is_equiv(pred, gold, timeout=TIMEOUT_S):
     """True if the answer strings pred and gold are mathematically equal (see the module docstring)."""
     pred, gold = str(pred), str(gold)
-    if not pred or len(pred) > MAX_ANSWER_CHARS:
+    if len(pred) > MAX_ANSWER_CHARS or not _clean(pred).strip("{} "):  # empty: math_verify reads {} as the empty set
         return False
     p, g = normalize_answer(pred), normalize_answer(gold)
-    if not p.strip("{}"):  # an empty box: "\\boxed{{}}" would be read as the empty set
-        return False
-    if p == g:
+    if p and p == g:
         return True
     gold_num = _to_number(g)
     if gold_num is not None:  # numeric ground truth: exact numeric comparison only
