@@ -60,7 +60,7 @@ TIMEOUT_S = 1.0          # wall-clock limit for one math_verify comparison (oat 
 ALARM_FRACTION = 0.9     # the worker stops a comparison itself at this share of the time left (stays warm)
 STARTUP_TIMEOUT_S = 60.0 # worker start-up (imports sympy) is not counted in TIMEOUT_S
 HUNG_S = 5.0             # a worker still silent this long after its call's deadline is killed and replaced
-WORKERS = max(2, min(4, os.cpu_count() or 1))  # math_verify processes (~100 MB each); 2: a spare when one is killed
+WORKERS = max(2, min(4, os.cpu_count() or 1))  # math_verify processes (~70 MB each); 2: a spare when one is killed
 FALLBACKS = ("boxed", "answer", "hash", "last_number")
 
 # -----------------------------------------------------------------------------

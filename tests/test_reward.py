@@ -78,6 +78,11 @@ EQUAL = [
     ("no box but the answer is 12", "12", ALL),
     ("\\boxed{} is empty; the result is 12", "12", ("boxed", "last_number")),
     ("\\boxed{\\text{odd}}", "\\text{odd}", ("boxed",)),
+    ("\\boxed{10^{10}}", "10000000000", ("boxed",)),  # powers are plain numbers, exact at any size
+    ("\\boxed{18446744073709551616}", "2^{64}", ("boxed",)),
+    ("\\boxed{1.5 \\times 10^{3}}", "1500", ("boxed",)),
+    ("\\boxed{2^{-3}}", "0.125", ("boxed",)),
+    ("\\boxed{10^{400}}", "10^{400}", ("boxed",)),
 ]
 
 # each must score 0.0
@@ -105,6 +110,11 @@ NOT_EQUAL = [
     ("\\boxed{1,2}", "12", ("boxed",)),         # a pair, not a thousands separator
     ("\\boxed{__import__('os').system('true')}", "0", ("boxed",)),
     ("\\boxed{x}", "y", ("boxed",)),
+    ("\\boxed{-2^{2}}", "4", ("boxed",)),         # -(2^2)
+    ("\\boxed{10^{401}}", "10^{400}", ("boxed",)),  # exact, no float overflow to inf
+    ("\\boxed{10^{400}+1}", "10^{400}", ("boxed",)),
+    ("\\boxed{\\infty}", "\\sqrt{2}", ("boxed",)),  # (the whole class: tests/test_reward_universal.py)
+    ("\\boxed{0^{-1}}", "0", ("boxed",)),
 ]
 
 @pytest.mark.parametrize("completion,answer,fallbacks", EQUAL)
