@@ -9,15 +9,19 @@ Cheapest first, so the common case never leaves this process:
      "answer" (DAPO's last "Answer: x" line), "hash" (GSM8K "#### x"), "last_number".
   2. clean up ($, \\left, \\dfrac/\\cfrac, {,}, trailing units and \\text, ^\\circ, \\%, "and"/"or" lists), normalise
      (spaces, 1,000, .0, "x =") and compare the strings.
-  3. plain numbers (int, decimal, a/b, \\frac{a}{b}, mixed 1 1/2) compare exactly. A numeric ground truth needs a
-     plain-number prediction, so \\boxed{12+7} does not earn the reward for "What is 12 + 7?".
-  4. anything else (intervals, sets, sqrt, expressions) goes to math_verify in a persistent worker process. Only a
+  3. plain numbers (int, decimal, a/b, \\frac{a}{b}, mixed 1 1/2, powers 2^{64} and 1.5\\times10^{3}) compare
+     exactly, whatever their size. A numeric ground truth needs a plain-number prediction, so \\boxed{12+7} does
+     not earn the reward for "What is 12 + 7?".
+  4. anything else (intervals, sets, sqrt, expressions) goes to math_verify in a pool of WORKERS processes. Only a
      parse that read the whole answer counts (math_verify reads "1 - \\frac{1}{\\mathrm{e}}" as 1). Expressions and
-     equations are first compared at 3 fixed random points (sympy's simplify can take seconds). The worker stops
-     itself with an alarm at 0.7 of the limit (its own main thread: math_verify's signal.alarm fails in the
-     caller's threads, Math-Verify#50, verl PR#5635) and is killed at the limit; a spare worker, started beside
-     it, takes over at once (a start-up costs seconds and is not counted in the limit: only a call that comes
-     within seconds of two kills waits for one). Timeouts score 0.
+     equations are first compared at 3 fixed random points (sympy's simplify can take seconds), in sympy numbers, not
+     floats (10^{400} and 999! would be inf, and |inf - b| <= tol * inf holds for every b): rationals exactly, inf
+     and nan equal only the same infinity, and a tolerance is relative to finite values. A call gets `timeout`
+     seconds, the wait for a free worker included: past it, it scores 0 at once and counts in reward.timeouts (log
+     it). The worker stops itself with an alarm (in its own main thread: math_verify's signal.alarm fails in the
+     caller's threads, Math-Verify#50, verl PR#5635); one silent HUNG_S longer is killed and replaced. Start-ups
+     (seconds) are not counted: only a call that finds every worker starting waits for one. Steps 1-3 need no
+     math_verify; without it, step 4 raises one RuntimeError that says so.
 Model output is never eval'ed. Inputs are capped before any regex work, and answers hostile to sympy (power
 towers, huge exponents, factorials of expressions, deep nesting) score 0 without reaching it.
 
@@ -33,6 +37,9 @@ Conventions where graders disagree (tests/reward_cases.jsonl holds a case of eac
   - 10\\% is 10 (MARIO also accepts 0.1); units and words after a number are dropped ("5 \\text{ cm}", "9 cm"),
     but a word inside the answer is kept ("6 \\text{ and } 8" is the list 6, 8); "10cm" without a space is kept.
   - "(5)" is 5; "(B)" and "(b)" are the option B; i is the imaginary unit.
+  - universal answers earn nothing: \\infty, 10^{400}, NaN, an empty box or a bare x score 0 against anything but
+    themselves (tests/universal_answers.jsonl); 2\\infty == \\infty (the same infinity), \\pm\\infty is not
+    (-\\infty, \\infty) (Math-Verify reads an interval (a, b) as the pair a, b too).
 """
 
 import atexit
@@ -43,14 +50,17 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from fractions import Fraction
 
 MAX_TAIL_CHARS = 4096    # only the end of a completion is searched for the answer
 MAX_ANSWER_CHARS = 300   # longer extracted answers score 0 (no ground truth is this long)
 MAX_DEPTH = 10           # brace/paren nesting allowed in an answer
 TIMEOUT_S = 1.0          # wall-clock limit for one math_verify comparison (oat uses 1 s too)
-ALARM_FRACTION = 0.7     # the worker stops a comparison itself at this share of the limit (no restart needed)
+ALARM_FRACTION = 0.9     # the worker stops a comparison itself at this share of the time left (stays warm)
 STARTUP_TIMEOUT_S = 60.0 # worker start-up (imports sympy) is not counted in TIMEOUT_S
+HUNG_S = 5.0             # a worker still silent this long after its call's deadline is killed and replaced
+WORKERS = max(2, min(4, os.cpu_count() or 1))  # math_verify processes (~70 MB each); 2: a spare when one is killed
 FALLBACKS = ("boxed", "answer", "hash", "last_number")
 
 # -----------------------------------------------------------------------------
@@ -131,7 +141,7 @@ def _clean(s):
     for old, new in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\displaystyle", ""), ("{,}", ","),
                      ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""),
                      ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\%", ""), ("%", ""),
-                     ("\\$", ""), ("$", ""), ("!=", "\\neq ")):
+                     ("\\$", ""), ("$", ""), ("!=", "\\neq "), ("\\varnothing", "\\emptyset")):
         s = s.replace(old, new)
     s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, "\\ " a matrix row break
     s = _TRAILING_TEXT.sub("", s)  # units and words after the answer: "5 \text{ cm}", "240\text{ ways.}"
@@ -139,6 +149,7 @@ def _clean(s):
     for _ in range(3):  # \text{\textbf{(B)}} -> (B); \mathrm{e} -> e, so math_verify reads all of 2\mathrm{e}
         s = _TEXT_CMD.sub(r"\1", s)
     s = _TRAILING_UNITS.sub("", s).strip().rstrip(".").strip()
+    s = re.sub(r"^all real numbers$", r"\\mathbb{R}", s)
     s = re.sub(r"\\sqrt(\[\w+\])?(\w)", r"\\sqrt\1{\2}", s.strip())  # \sqrt2 -> \sqrt{2}, \sqrt[3]2 -> \sqrt[3]{2}
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
     s = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", s)
@@ -166,7 +177,8 @@ def normalize_answer(s):
     return re.sub(r"^(-?)\.(\d)", r"\g<1>0.\2", s)        # .5 -> 0.5
 
 def _to_number(s):
-    """Exact value of a normalised plain number (int, decimal, a/b, \\frac{a}{b}, mixed 1 1/2 or 3\\frac{1}{8}) or None."""
+    """Exact value of a normalised plain number (int, decimal, a/b, \\frac{a}{b}, mixed 1 1/2 or 3\\frac{1}{8}, a power
+    2^{64} or 1.5\\times10^{3}) or None."""
     m = re.fullmatch(r"-?\d+(?:\.\d+)?", s)
     if m:
         return Fraction(s)
@@ -175,6 +187,13 @@ def _to_number(s):
         a, b = (int(m[3]), int(m[4])) if m[3] else (int(m[5]), int(m[6]))
         value = int(m[2]) + Fraction(a, b) if 0 < a < b else None
         return -value if value is not None and m[1] else value
+    m = re.fullmatch(r"(-?)(\d+(?:\.\d+)?)((?:\\times|\\cdot)10)?\^(?:\{(-?\d{1,3})\}|(\d))", s)
+    if m:  # 2^{64}, 1.5\times10^{3}: exact, whatever the size (a float makes 10^{400} inf)
+        base, exp = Fraction(m[2]), int(m[4] or m[5])
+        if not m[3] and base == 0 and exp <= 0:  # 0^0, 0^{-1}
+            return None
+        value = base * Fraction(10) ** exp if m[3] else base ** exp
+        return -value if m[1] else value
     m = (re.fullmatch(r"(-?)(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", s)
          or re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s))
     if m and Fraction(m.group(3)) != 0:
@@ -206,7 +225,7 @@ def _sympy_safe(s):
 # math_verify in a worker process with a hard time limit
 
 # A fresh interpreter (not fork: the trainer has torch threads; not multiprocessing spawn: it would re-run a
-# flat train.py script in the child). JSON lines in, "1"/"0" lines out.
+# flat train.py script in the child). JSON lines in; "1", "0" or "t" (timed out) lines out.
 _WORKER_SRC = r"""
 import json, logging, os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
@@ -214,14 +233,17 @@ out = os.fdopen(os.dup(1), "wb", buffering=0)
 os.dup2(2, 1)  # stray prints must not corrupt the protocol
 logging.disable(logging.CRITICAL)  # math_verify warns that its own timeouts are off
 import re
-from math_verify import parse, verify
+try:
+    from math_verify import parse, verify
+except ImportError:  # the parent says so in one line
+    sys.exit(1)
 def letters(s):  # the variables and constants of an answer, not the names of its commands
     return set(re.findall(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", " ", s)))
 def parse_all(s):  # None when math_verify read only part of s ("1 - \\frac{1}{e}" as 1, "\\sin^2 t" as sin^2)
     r = parse("$" + s + "$", parsing_timeout=None)
     return r if len(r) == 2 and letters(s) <= letters(r[1]) else None
 import random
-from sympy import Eq, Expr, Float, I, Integral, Limit, Product, Sum
+from sympy import Eq, Expr, FiniteSet, Float, I, Integral, Limit, Product, Sum, Tuple, oo
 def numeric_eq(a, b):
     # simplify(a - b) can take seconds on a sum of products; values at 3 fixed random points decide in
     # milliseconds (positive points: no branch cuts). Equations match when lhs - rhs are proportional.
@@ -236,17 +258,29 @@ def numeric_eq(a, b):
     syms = sorted(a.free_symbols | b.free_symbols, key=str)
     if not syms and (ratio or a.atoms(Float) or b.atoms(Float)):
         return None  # plain numbers: math_verify's rounding rules
+    if not syms and a.is_Rational and b.is_Rational:
+        return a == b  # exact, whatever the size: 999! != 100!
     rng, vals = random.Random(0), []
     for _ in range(3):
         point = {s: rng.uniform(0.5, 1.5) for s in syms}
-        va, vb = complex(a.evalf(30, subs=point)), complex(b.evalf(30, subs=point))
-        vals.append((va / vb, 1.0) if ratio and vb != 0 else (va, vb))
-    if ratio:
-        return all(v[1] == 1.0 for v in vals) and all(abs(v[0] - vals[0][0]) <= 1e-9 * abs(vals[0][0]) for v in vals) and vals[0][0] != 0
-    return all(abs(va - vb) <= 1e-9 * max(1.0, abs(va), abs(vb)) for va, vb in vals)
+        va, vb = a.evalf(30, subs=point), b.evalf(30, subs=point)  # sympy numbers: 10^{400} does not overflow
+        if not (va.is_number and vb.is_number):
+            return None
+        if not (va.is_finite and vb.is_finite):  # inf, nan, zoo: |inf - b| <= tol * inf holds for every b
+            if va == vb and va in (oo, -oo) and not ratio:
+                continue
+            return False
+        if ratio:  # equations: lhs - rhs in one fixed, nonzero ratio at every point
+            if va == 0 or vb == 0:
+                return False
+            va, vb = va / vb, vals[0][0] if vals else va / vb
+        vals.append((va, vb))
+    return all(abs(va - vb) <= 1e-9 * max(abs(va), abs(vb), 0 if ratio else 1) for va, vb in vals)
+def infinite_points(e):  # {-oo, oo}, which math_verify matches with the interval (-oo, oo) as if it were a pair
+    return isinstance(e, (FiniteSet, Tuple)) and any(x.is_infinite for x in e.args)
 def check(gold, pred):
     g, p = parse_all(gold), parse_all(pred)
-    if g is None or p is None:
+    if g is None or p is None or infinite_points(g[0]) != infinite_points(p[0]):
         return False
     try:
         fast = numeric_eq(g[0], p[0])
@@ -257,19 +291,23 @@ for s in json.loads(sys.argv[1]):  # see PRIME
     parse_all(s)
 check("x^2+2x+1", "(x+1)^2")  # load sympy's simplify too before reporting ready
 out.write(b"ready\n")
+class Alarm(BaseException):  # not an Exception: math_verify and sympy catch those and carry on
+    pass
 def alarm(signum, frame):
-    raise TimeoutError
+    raise Alarm
 signal.signal(signal.SIGALRM, alarm)  # (this is the worker's main thread, where signals work)
 for line in sys.stdin.buffer:
     try:
         gold, pred, limit = json.loads(line)
-        signal.setitimer(signal.ITIMER_REAL, limit)
-        ok = check(gold, pred)
-    except BaseException:  # a TimeoutError, or anything sympy raises
-        ok = False
+        signal.setitimer(signal.ITIMER_REAL, max(limit, 1e-3))
+        reply = b"1\n" if check(gold, pred) else b"0\n"
+    except Alarm:
+        reply = b"t\n"
+    except BaseException:  # anything sympy raises
+        reply = b"0\n"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    out.write(b"1\n" if ok else b"0\n")
+    out.write(reply)
 """
 # math_verify's ANTLR parser builds its lookahead tables lazily: the first \sum, matrix or inequality it meets
 # costs up to ~1 s (the "slow sum of products"), later ones milliseconds. The worker parses these shapes at
@@ -281,81 +319,114 @@ PRIME = [r"\frac{1}{2}", r"\sqrt{2}+\sqrt[3]{5}", r"(1, \frac{9}{2})", r"[0, \in
          r"\sin(x)\cos^2 y + \tan\theta", r"\log_2 8 + \ln e", r"4210_{7}", r"f(x) = 2x + 3", r"3.5\pi i",
          r"x \in [0.5, \infty)", r"\frac{\sqrt{\sqrt{11}+\sqrt{194}}}{15+2\sqrt{33}}", r"12:00", r"\binom{5}{2}",
          r"5!", r"\overline{AB}", r"e^{i\pi}", r"F_n = \sum_{k=0}^{n-1} F_k F_{n-k-1}", r"\prod_{i=1}^{n} (1 + x_i)"]
-_lock = threading.Lock()  # one request in flight at a time; callers in other threads wait
-_proc = None   # the worker that answers
-_spare = None  # a second, warm worker: a killed one is replaced at once, not after a start-up of seconds
+_cond = threading.Condition()  # guards the four below; notified when a worker is freed, ready, failed or gone
+_pool = []     # every live worker, starting or ready
+_idle = []     # ready workers that no call is using
+_error = None  # why the last start-up failed (math_verify missing), raised to the calls waiting for it
+timeouts = 0   # comparisons scored 0 without a verdict (deadline passed in the queue or in sympy): log it
 
 def _readline(proc, timeout):
     # select() rather than a blocking read, so the limit holds in any thread. Each reply is one small
     # write, which a pipe delivers whole; b"" means the worker died.
-    if not select.select([proc.stdout], [], [], timeout)[0]:
+    if not select.select([proc.stdout], [], [], max(timeout, 0))[0]:
         return None
     return os.read(proc.stdout.fileno(), 64).strip() or None
 
-def _start():
-    p = subprocess.Popen([sys.executable, "-c", _WORKER_SRC, json.dumps(PRIME)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, bufsize=0)
-    p.ready = False  # set once it has said "ready"
-    atexit.unregister(_kill_all)  # (a worker also exits by itself when our end of its stdin closes)
-    atexit.register(_kill_all)
-    return p
-
 def _stop(p):
-    if p is not None:
-        p.kill()
-        p.wait()
-        p.stdin.close()
-        p.stdout.close()
+    p.kill()
+    p.wait()
+    p.stdin.close()
+    p.stdout.close()
+
+def _await(p, timeout):
+    """In a thread: p's next line ("ready", or a reply that came after its call's deadline) frees it for the
+    next call; silence or death kills it, and a replacement starts (not after a failed start-up)."""
+    global _error
+    try:
+        ok = _readline(p, timeout) is not None
+    except (OSError, ValueError):  # stopped meanwhile by _kill_all
+        ok = False
+    with _cond:
+        if ok and p in _pool:
+            p.ready, _error = True, None
+            _idle.append(p)
+        elif p in _pool:
+            _pool.remove(p)
+            if not p.ready:
+                _error = ("reward: the math_verify worker process failed to start; check that "
+                          "`python -c 'import math_verify'` works (pip install math-verify)")
+            _fill()
+        _cond.notify_all()
+    if not ok:
+        _stop(p)
+
+def _fill():  # (under _cond) start workers until there are WORKERS
+    while not _error and len(_pool) < WORKERS:
+        p = subprocess.Popen([sys.executable, "-c", _WORKER_SRC, json.dumps(PRIME)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, bufsize=0)
+        p.ready = False
+        _pool.append(p)
+        threading.Thread(target=_await, args=(p, STARTUP_TIMEOUT_S), daemon=True).start()
+
+def _wait(timeout):  # (under _cond) for news of a worker; an error once every start-up has failed
+    if _error and not _pool:
+        raise RuntimeError(_error)
+    _cond.wait(timeout)
+
+def _acquire(timeout):
+    """(a ready worker, its deadline), or (None, None) when none was free within timeout. A start-up is not
+    counted: while no worker is ready (the first call, or just after a kill of each), a call waits for one."""
+    global _error
+    with _cond:
+        _error = _error if _pool else None  # nothing alive: a fresh start, whatever failed before
+        deadline = None
+        while not _idle:
+            _fill()
+            if any(p.ready for p in _pool):  # all busy: wait for one, within the call's limit
+                deadline = deadline or time.monotonic() + timeout
+                if deadline <= time.monotonic():
+                    return None, None
+                _wait(deadline - time.monotonic())
+            else:
+                _wait(STARTUP_TIMEOUT_S)
+        return _idle.pop(), deadline or time.monotonic() + timeout
 
 def _kill_all():
-    global _proc, _spare
-    _stop(_proc)
-    _stop(_spare)
-    _proc = _spare = None
+    with _cond:
+        workers, _pool[:], _idle[:] = _pool[:], [], []
+    for p in workers:
+        _stop(p)
 
-def _wait_ready(p):
-    if not p.ready:  # a start-up is not counted in any call's limit
-        p.ready = _readline(p, STARTUP_TIMEOUT_S) == b"ready"
-        if not p.ready:
-            _kill_all()
-            raise RuntimeError("reward: the math_verify worker process failed to start; "
-                               "check that `python -c 'import math_verify'` works (pip install math-verify)")
-
-def _ensure_worker():
-    """Replace a dead worker by the spare, keep a spare starting, wait until the worker is ready."""
-    global _proc, _spare
-    if _proc is not None and _proc.poll() is not None:
-        _stop(_proc)
-        _proc = None
-    if _proc is None:
-        _proc, _spare = _spare or _start(), None
-    if _spare is None or _spare.poll() is not None:
-        _stop(_spare)
-        _spare = _start()
-    _wait_ready(_proc)
+atexit.register(_kill_all)  # (a worker also exits by itself when our end of its stdin closes)
 
 def warmup():
-    """Start the math_verify workers now (a few s, both at once) rather than on the first symbolic comparison."""
-    with _lock:
-        _ensure_worker()
-        _wait_ready(_spare)
+    """Start the math_verify workers now (seconds, all at once) rather than on the first symbolic comparison."""
+    global _error
+    with _cond:
+        _error = _error if _pool else None
+        _fill()
+        while not (_pool and all(p.ready for p in _pool)):
+            _wait(STARTUP_TIMEOUT_S)
 
 def _verify(gold, pred, timeout):
-    global _proc
-    with _lock:
-        _ensure_worker()
-        try:  # the worker gives up by itself at ALARM_FRACTION * timeout and stays warm
-            _proc.stdin.write(json.dumps([gold, pred, ALARM_FRACTION * timeout]).encode() + b"\n")
-        except OSError:
-            _stop(_proc)
-            _proc = None
-            return False
-        reply = _readline(_proc, timeout)
-        if reply is None:  # stuck where its alarm cannot reach (or crashed): kill it, the spare takes over
-            _stop(_proc)
-            _proc = None
-            return False
-        return reply == b"1"
+    """math_verify's verdict within timeout seconds of the call, the queue included; False past it."""
+    global timeouts
+    p, deadline = _acquire(timeout)
+    reply = None
+    if p is not None:
+        try:  # the worker gives up by itself at ALARM_FRACTION of the time left ("t") and stays warm
+            p.stdin.write(json.dumps([gold, pred, ALARM_FRACTION * (deadline - time.monotonic())]).encode() + b"\n")
+            reply = _readline(p, deadline - time.monotonic())
+        except (OSError, ValueError):  # it died (or _kill_all stopped it)
+            pass
+        if reply is None:  # the call scores 0 now; the worker is freed (or killed) in the background
+            threading.Thread(target=_await, args=(p, HUNG_S), daemon=True).start()
+    with _cond:
+        if reply is not None:
+            _idle.append(p)
+            _cond.notify_all()
+        timeouts += reply in (None, b"t")
+    return reply == b"1"
 
 # -----------------------------------------------------------------------------
 # public entry points
@@ -363,7 +434,7 @@ def _verify(gold, pred, timeout):
 def is_equiv(pred, gold, timeout=TIMEOUT_S):
     """True if the answer strings pred and gold are mathematically equal (see the module docstring)."""
     pred, gold = str(pred), str(gold)
-    if not pred or len(pred) > MAX_ANSWER_CHARS:
+    if len(pred) > MAX_ANSWER_CHARS or not _clean(pred).strip("{} "):  # empty: math_verify reads {} as the empty set
         return False
     p, g = normalize_answer(pred), normalize_answer(gold)
     if p and p == g:
