@@ -27,6 +27,7 @@ Where this loop departs from verl / TRL (loss.py's docstring lists the loss conv
   - online DPO drops tied pairs (equal rewards), as GRPO drops zero-variance groups
   - --resume refuses a changed lr / weight_decay (the restored optimizer would silently keep the checkpoint's)
 """
+import atexit
 import os
 import random
 import sys
@@ -110,8 +111,6 @@ class Config:
 def die(msg):
     # one write per line: under torchrun every rank shares stderr, and print's two writes (text, newline) interleave
     os.write(2, f"error: {msg}\n".encode())
-    if dist.is_initialized():  # a live process group at exit aborts in its threads' destructors
-        dist.destroy_process_group()
     sys.exit(2)
 
 
@@ -183,6 +182,9 @@ if ddp:
     # a rank may generate for an hour between collectives (a long sampler batch) while the others wait: NCCL's
     # watchdog (default 10 min) would abort them
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    # every exit (the end, die, a traceback) tears the group down first: exiting with gloo's threads alive aborts
+    # ("terminate called without an active exception", SIGABRT)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if cfg.prompts_per_update % world:
         die(f"prompts_per_update={cfg.prompts_per_update} must be a multiple of the {world} ranks")
 if cfg.fsdp and not ddp:
@@ -676,5 +678,3 @@ if state["eval_last"] is not None:
     print0(f"held-out greedy accuracy: {change} in {state['wall'] / 60:.1f} min of training, {state['rollouts']} rollouts")
 if cfg.wandb and master:
     wandb.finish()
-if ddp:
-    dist.destroy_process_group()
