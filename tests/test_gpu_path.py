@@ -189,3 +189,18 @@ def test_sharded_eval_equals_one_process(tiny, tmp_path):
     assert 0 < one["acc"] < 1, one  # mixed answers: a wrong order or seed would show
     for r in (0, 1):
         assert json.load(open(str(tmp_path / "res") + str(r))) == one
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL, CUDA RNG)")
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_nccl_train_eval_resume_cuda(tiny, tmp_path, fsdp):
+    """On a GPU, what the CPU tests above stand in for: torchrun + NCCL (1 rank still takes NCCL's device rule:
+    every all_sum, the sharded eval's gather), a checkpoint written from CUDA and resumed on CUDA, with and without
+    FSDP2. On 8719fb2 the first all_sum raised "No backend type associated with device type cpu"."""
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29549", "train.py",
+            f"--model={tiny['model']}", f"--data={tiny['data']}", f"--out_dir={tmp_path}", "--prompts_per_step=4",
+            "--prompts_per_update=2", "--max_new_tokens=8", "--eval_n=4", "--eval_every=1", f"--fsdp={fsdp}"]
+    for args in (["--num_steps=1"], ["--num_steps=2", "--resume"]):
+        p = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and "eval step" in p.stdout, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "on cuda" in p.stdout
