@@ -71,25 +71,28 @@ def summarize(per_problem, n, ks):
 
 @torch.no_grad()
 def evaluate(model, tok, problems, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=256, batch_size=64,
-             fallbacks=("boxed",), seed=0, ks=None, verbose=False, by_source=False):
+             fallbacks=("boxed",), seed=0, ks=None, verbose=False, by_source=False, shard=(0, 1)):
     """n samples for each problem ({"prompt", "answer"}) -> flat dict of floats: acc (mean@n), pass@k for k in ks
     (default: powers of 2 up to n, and n), maj@n, trunc (fraction cut at max_new_tokens), len (mean completion
     tokens), n_problems, n_samples. by_source: also "by_source": {problem["source"]: the same dict over its
     problems}. verbose: a progress bar on a terminal, else a line per batch. Row seeds come from (seed, problem
-    index, sample index), so results do not depend on batch_size."""
+    index, sample index), so results do not depend on batch_size. shard=(rank, world): under torch.distributed each
+    rank generates for every world-th problem and all ranks return the metrics of all problems."""
     ks = sorted({2 ** i for i in range(n.bit_length())} | {n}) if ks is None else sorted(set(ks))
     if not all(1 <= k <= n for k in ks):
         raise ValueError(f"every k in ks must be in 1..n={n}, got {ks}")
     stop_ids = stop_token_ids(tok, model.cfg)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
     per_call = max(1, batch_size // n)  # prompts per generate call: about batch_size rows
+    rank, world = shard
+    mine = range(rank, len(problems), world)  # global problem indices: they seed the rows
     per_problem = []  # (correct samples, maj@n score, truncated samples, completion tokens) for each problem
     t0 = time.time()
-    bar = tqdm(total=len(problems), unit="problem", dynamic_ncols=True) if verbose and sys.stderr.isatty() else None
-    for i in range(0, len(problems), per_call):
-        batch = problems[i:i + per_call]
+    bar = tqdm(total=len(mine), unit="problem", dynamic_ncols=True) if verbose and sys.stderr.isatty() else None
+    for i in range(0, len(mine), per_call):
+        batch = [problems[g] for g in mine[i:i + per_call]]
         prompts = [chat_ids(tok, p["prompt"]) for p in batch]
-        seeds = [hash((seed, i + r // n, r % n)) & 0x7FFFFFFF for r in range(len(batch) * n)]
+        seeds = [hash((seed, mine[i + r // n], r % n)) & 0x7FFFFFFF for r in range(len(batch) * n)]
         ro = generate(model, prompts, k=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       top_k=top_k, stop_ids=stop_ids, pad_id=pad_id, seed=seeds)
         lens = ro.mask.sum(1).long().tolist()  # (B,) completion tokens, stop token included
@@ -104,9 +107,13 @@ def evaluate(model, tok, problems, n=1, temperature=0.0, top_p=1.0, top_k=0, max
         if bar is not None:
             bar.update(len(batch))
         elif verbose:
-            print(f"eval {min(i + per_call, len(problems))}/{len(problems)} problems | {time.time() - t0:.1f}s")
+            print(f"eval {min(i + per_call, len(mine))}/{len(mine)} problems | {time.time() - t0:.1f}s")
     if bar is not None:
         bar.close()
+    if world > 1:  # back to the order of `problems`: rank r holds problems r, r + world, ...
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, per_problem)
+        per_problem = [parts[g % world][g // world] for g in range(len(problems))]
     metrics = summarize(per_problem, n, ks)
     if by_source:
         sources = [p.get("source", "") for p in problems]
@@ -115,11 +122,12 @@ def evaluate(model, tok, problems, n=1, temperature=0.0, top_p=1.0, top_k=0, max
     return metrics
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path):
     """torch.load(weights_only=True): tensors, numbers, strings, lists, tuples and dicts only, which is all a training
-    checkpoint holds, so a file from someone else cannot run code while loading. Raises ValueError with one line."""
+    checkpoint holds, so a file from someone else cannot run code while loading. Raises ValueError with one line.
+    Every tensor lands on the CPU, whatever device wrote it (torch.set_rng_state takes only a CPU ByteTensor)."""
     try:
-        return torch.load(path, map_location=device, weights_only=True, mmap=True)  # mmap: no second copy in RAM
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no second copy in RAM
     except Exception as e:
         lines = [line for line in str(e).splitlines() if line.strip()] or [""]
         if "Weights only load failed" in lines[0]:  # torch's message: the offending line names the python object

@@ -5,7 +5,7 @@ nanoGRPO training: one loop for GRPO-k (k=2 is 2-GRPO), 2-GRPO+RS, and DPO (onli
     python train.py configs/grpo16.py --num_steps=50  # a config file, then overrides
     python train.py configs/dpo.py --resume           # continue from out_dir/ckpt.pt
     torchrun --nproc_per_node=2 train.py configs/grpo2.py
-    torchrun --nproc_per_node=8 train.py configs/qwen_math_grpo16.py --fsdp=True   # weights/grads/AdamW sharded
+    torchrun --nproc_per_node=8 train.py configs/qwen_math_grpo16.py --fsdp=True --compile=False  # FSDP2 shards
 
 One step follows the paper's protocol (verl's GRPO, paper.md section 10):
   1. a generation batch of prompts_per_step prompts, k rollouts each (rollout.py)
@@ -18,7 +18,8 @@ One step follows the paper's protocol (verl's GRPO, paper.md section 10):
 DPO uses the same loop: a "group" is a (chosen, rejected) pair instead of k rollouts, and the loss is Eq. 9.
 
 Where this loop departs from verl / TRL (loss.py's docstring lists the loss conventions):
-  - old_logp: the sampler's own log-probs by default (exact in fp32); --old_logp=recompute is verl's compute_log_prob
+  - old_logp: the sampler's own log-probs by default, a ratio of exactly 1 in fp32 on a CPU only (on a GPU kernels
+    differ by shape, bf16 sampling from training); --old_logp=recompute (the qwen configs) is verl's compute_log_prob
   - the LR scheduler steps per optimizer update (verl: per generation batch); warm-up starts at lr/W (verl: at 0)
   - kept groups are split evenly into prompts_per_step / prompts_per_update mini-batches (verl: a fixed mini-batch
     size, length-balanced); under DDP the global list is split as one process would, then each mini-batch is sharded
@@ -26,12 +27,14 @@ Where this loop departs from verl / TRL (loss.py's docstring lists the loss conv
   - online DPO drops tied pairs (equal rewards), as GRPO drops zero-variance groups
   - --resume refuses a changed lr / weight_decay (the restored optimizer would silently keep the checkpoint's)
 """
+import atexit
 import os
 import random
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -106,7 +109,8 @@ class Config:
 
 
 def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
+    # one write per line: under torchrun every rank shares stderr, and print's two writes (text, newline) interleave
+    os.write(2, f"error: {msg}\n".encode())
     sys.exit(2)
 
 
@@ -162,6 +166,9 @@ try:
                          "in bf16, so the sampler cannot run in fp32; use --dtype=float32 or drop --sample_dtype")
 except (ValueError, FileNotFoundError) as e:
     die(e)
+if cfg.fsdp and cfg.compile:
+    die("--fsdp=True with --compile=True (FSDP's gathered weights under the compiled decode and training forward: "
+        "never tested); add --compile=False")
 if cfg.dry_run:  # memory and step-time plan on cfg.gpus x cfg.gpu, no weights loaded; exits (2 if it cannot fit)
     import plan
     plan.main(cfg)
@@ -172,18 +179,21 @@ if ddp:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # a rank may generate for an hour between collectives (a long sampler batch) while the others wait: NCCL's
+    # watchdog (default 10 min) would abort them
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    # every exit (the end, die, a traceback) tears the group down first: exiting with gloo's threads alive aborts
+    # ("terminate called without an active exception", SIGABRT)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if cfg.prompts_per_update % world:
         die(f"prompts_per_update={cfg.prompts_per_update} must be a multiple of the {world} ranks")
-if cfg.fsdp and (not ddp or cfg.compile):
-    die("--fsdp=True shards over the ranks of torchrun (run torchrun --nproc_per_node=N train.py ...) and is not "
-        "combined with --compile (never tested)")
+if cfg.fsdp and not ddp:
+    die("--fsdp=True shards over the ranks of torchrun: run torchrun --nproc_per_node=N train.py ...")
 master = rank == 0
 if cfg.threads:
     torch.set_num_threads(cfg.threads)
 torch.manual_seed(cfg.seed)
 random.seed(cfg.seed)
-torch.backends.cuda.matmul.allow_tf32 = True
 ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
 sample_ctx = {"": lambda: ctx, "float32": nullcontext, "bfloat16_emul": Bf16Emulation,
               "bfloat16": lambda: torch.autocast(device.type, dtype=torch.bfloat16)}[cfg.sample_dtype]
@@ -282,7 +292,9 @@ state = dict(step=0, data_pos=0, rollouts=0, wall=0.0, eval0=None, eval_last=Non
 
 if cfg.resume and os.path.exists(ckpt_path):
     try:
-        ckpt = load_checkpoint(ckpt_path, device)  # weights_only: a checkpoint cannot run code
+        # onto the CPU (mmap: pages shared, no copy), then into place: RNG states stay CPU byte tensors, and with FSDP
+        # each rank moves one full tensor at a time to its GPU and keeps its shard. weights_only: it cannot run code
+        ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("config", {}).get("fsdp", False) != cfg.fsdp:  # the optimizer state is keyed differently
             raise ValueError(f"written with --fsdp={not cfg.fsdp}; resume with that setting")
         if cfg.fsdp:  # full tensors in the file, each rank keeps its shard
@@ -320,6 +332,7 @@ def save_checkpoint():
         return
     ckpt = dict(model=model_sd, optimizer=optim_sd, scheduler=scheduler.state_dict(),
                 state=state, rng=dict(torch=torch.get_rng_state(), python=random.getstate()), config=asdict(cfg))
+    # no CUDA RNG state: nothing draws from it (sampling noise comes from per-row CPU generators, rollout.py)
     tmp = ckpt_path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -359,7 +372,7 @@ def all_sum(x, op=dist.ReduceOp.SUM):
     """Sum (or max, with op=dist.ReduceOp.MAX) a python number over ranks (identity on one process)."""
     if not ddp:
         return x
-    t = torch.tensor(float(x), dtype=torch.float64)
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)  # NCCL takes CUDA tensors only
     dist.all_reduce(t, op)
     return t.item()
 
@@ -368,7 +381,7 @@ def gather(groups):
     """Every rank's groups, in global prompt order: each rank then splits the same list as one process would."""
     if ddp:
         parts = [None] * world
-        dist.all_gather_object(parts, groups)  # tensors in groups are on the CPU: works on gloo and nccl
+        dist.all_gather_object(parts, groups)  # under NCCL through torch.cuda.current_device(), set above
         groups = [g for part in parts for g in part]
     return sorted(groups, key=lambda g: g["idx"])
 
@@ -552,21 +565,17 @@ if master and sys.stderr.isatty():
 for step in range(start, cfg.num_steps + 1):
     last_step = step == cfg.num_steps
     if eval_problems and (last_step or (cfg.eval_every and step % cfg.eval_every == 0)) and not (step == start and start):
-        with gathered():  # FSDP: every rank gathers, rank 0 evaluates
-            if master:
-                model.eval()
-                with ctx:
-                    res = evaluate(model, tok, eval_problems, n=1, temperature=0.0,
-                                   max_new_tokens=cfg.max_new_tokens, fallbacks=fallbacks, seed=cfg.seed)
-                model.train()
-                state["eval0"] = res["acc"] if step == 0 else state["eval0"]  # "before": only a step-0 eval
-                state["eval_last"] = res["acc"]
-                print0(f"eval step {step:04d} | held-out greedy acc {res['acc']:.4f} | trunc {res['trunc']:.3f} | "
-                       f"len {res['len']:.1f} | {len(eval_problems)} problems")
-                if cfg.wandb:
-                    wandb.log({"eval/acc": res["acc"], "eval/trunc": res["trunc"], "eval/len": res["len"]}, step=step)
-        if ddp:
-            dist.barrier()
+        model.eval()
+        with gathered(), ctx:  # each rank evaluates its share of the problems (FSDP: on gathered weights)
+            res = evaluate(model, tok, eval_problems, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                           fallbacks=fallbacks, seed=cfg.seed, shard=(rank, world))
+        model.train()
+        state["eval0"] = res["acc"] if step == 0 else state["eval0"]  # "before": only a step-0 eval
+        state["eval_last"] = res["acc"]
+        print0(f"eval step {step:04d} | held-out greedy acc {res['acc']:.4f} | trunc {res['trunc']:.3f} | "
+               f"len {res['len']:.1f} | {len(eval_problems)} problems")
+        if cfg.wandb and master:
+            wandb.log({"eval/acc": res["acc"], "eval/trunc": res["trunc"], "eval/len": res["len"]}, step=step)
     if (master or cfg.fsdp) and step > start and (last_step or (cfg.save_every and step % cfg.save_every == 0)):
         save_checkpoint()
     if last_step:
@@ -669,5 +678,3 @@ if state["eval_last"] is not None:
     print0(f"held-out greedy accuracy: {change} in {state['wall'] / 60:.1f} min of training, {state['rollouts']} rollouts")
 if cfg.wandb and master:
     wandb.finish()
-if ddp:
-    dist.destroy_process_group()

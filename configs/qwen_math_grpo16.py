@@ -5,6 +5,10 @@
 # Plan (python train.py configs/qwen_math_grpo16.py --dry_run --gpu=h200 --gpus=4): fits at a 60 GiB peak with the
 # sampler generating in 10 chunks of <= 40 GiB KV cache (2048 rollouts per GPU would need 364 GiB at once), ~20 min
 # a step estimated. Estimates only, never run on a GPU.
+# Run: torchrun --nproc_per_node=4 train.py configs/qwen_math_grpo16.py (DDP; compiled decode and training forward).
+# FSDP2 (weights/grads/AdamW sharded) is not combined with --compile (untested, refused):
+#   torchrun --nproc_per_node=4 train.py configs/qwen_math_grpo16.py --fsdp=True --compile=False
+# old_logp = recompute: bf16 sampling on a GPU gives log-probs that differ from the trainer's.
 model = "Qwen/Qwen2.5-Math-1.5B"
 data = "hf:DigitalLearningGmbH/MATH-lighteval"
 eval_data = "hf:HuggingFaceH4/MATH-500"
@@ -27,6 +31,7 @@ save_every = 10
 token_budget = 16384
 sample_mem_gib = 40         # KV cache per GPU: generate the 2048 rollouts in chunks of whole prompts that fit
 dtype = "bfloat16"
+old_logp = "recompute"        # verl's compute_log_prob: pi_old from the trainer's own forward
 grad_ckpt = True
 compile = True
 out_dir = "out/qwen_math_grpo16"

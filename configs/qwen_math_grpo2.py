@@ -4,6 +4,10 @@
 # The 16-GRPO baseline is configs/qwen_math_grpo16.py.
 # Plan (python train.py configs/qwen_math_grpo2.py --dry_run --gpu=h200 --gpus=4): 66 GiB peak per GPU,
 # ~137 s a step, ~5.5 h for 146 steps. Estimate only: never run on a GPU.
+# Run: torchrun --nproc_per_node=4 train.py configs/qwen_math_grpo2.py (DDP; compiled decode and training forward).
+# FSDP2 (weights/grads/AdamW sharded) is not combined with --compile (untested, refused):
+#   torchrun --nproc_per_node=4 train.py configs/qwen_math_grpo2.py --fsdp=True --compile=False
+# old_logp = recompute: bf16 sampling on a GPU gives log-probs that differ from the trainer's.
 model = "Qwen/Qwen2.5-Math-1.5B"
 data = "hf:DigitalLearningGmbH/MATH-lighteval"
 eval_data = "hf:HuggingFaceH4/MATH-500"
@@ -25,6 +29,7 @@ eval_n = 500
 save_every = 10
 token_budget = 16384
 dtype = "bfloat16"
+old_logp = "recompute"        # verl's compute_log_prob: pi_old from the trainer's own forward
 grad_ckpt = True
 compile = True
 out_dir = "out/qwen_math_grpo2"

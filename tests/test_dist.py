@@ -59,3 +59,39 @@ def test_checkpoint_that_runs_code_is_refused(setup, tmp_path):
     with pytest.raises(ValueError, match="refused to load.*could run code"):
         ev.load_model(str(out))
     assert not marker.exists()
+
+
+# train.py with every write to stderr recorded: sys.stderr's and os.write's on fd 2
+RECORD_WRITES = r"""
+import json, os, runpy, sys
+writes, real_write, real_stderr = [], os.write, sys.stderr
+class Rec:
+    def write(self, s):
+        writes.append(s)
+        return real_stderr.write(s)
+    def flush(self):
+        real_stderr.flush()
+def write(fd, b):
+    if fd == 2:
+        writes.append(b.decode())
+    return real_write(fd, b)
+sys.stderr, os.write = Rec(), write
+sys.argv = ["train.py"] + sys.argv[2:]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    json.dump(writes, open(os.environ["WRITES"], "w"))
+"""
+
+
+def test_an_error_line_is_one_write(tmp_path):
+    """Under torchrun every rank writes to the same stderr pipe: a line written in pieces (print writes the text, then
+    the newline) interleaves with another rank's, which made test_fsdp_checkpoint_resumes_exactly count 1 line for 2.
+    One write() of a line under PIPE_BUF (4096 bytes) is atomic on a pipe."""
+    p = subprocess.run([sys.executable, "-c", RECORD_WRITES, "-", "--k=two"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "WRITES": str(tmp_path / "w.json")})
+    assert p.returncode == 2 and p.stderr.count("error:") == 1, p.stderr[-2000:]
+    pieces = [w for w in json.load(open(tmp_path / "w.json")) if w.strip()]
+    assert any("error:" in w for w in pieces)
+    for w in pieces:
+        assert w.count("\n") == 1 and w.endswith("\n") and len(w.encode()) < 4096, pieces
