@@ -146,8 +146,11 @@ def test_eval_checks_out_before_the_work(setup, tmp_path):
 def test_a_run_without_updates_warns_and_logs_its_top_answer(setup, tmp_path):
     never = tmp_path / "never.jsonl"  # an answer the model cannot give: every group has equal rewards (all 0)
     never.write_text("".join(json.dumps({"prompt": f"q {i}", "answer": "zzz"}) + "\n" for i in range(40)))
-    p = train(setup, tmp_path / "out", "--num_steps=3", data=never)
+    p = train(setup, tmp_path / "out", "--num_steps=3", "--eval_n=0", data=never)
     assert p.returncode == 0, p.stderr[-2000:]
+    from data import load_problems  # no --eval_data: the file's two sides of the hash split (see the next test)
+    n_train, n_test = (len(load_problems(str(never), s, holdout=True)) for s in ("train", "test"))
+    assert n_train + n_test == 40 and f"{n_train} training items, {n_test} held-out problems" in p.stdout
     assert "warning: no update in the last 3 steps" in p.stdout
     assert "warning: this run made no update in any of its 3 steps" in p.stdout
     for line in [line for line in p.stdout.splitlines() if line.startswith("step ")]:  # 8 rollouts a step
@@ -155,15 +158,16 @@ def test_a_run_without_updates_warns_and_logs_its_top_answer(setup, tmp_path):
         assert any(abs(share - n / 8) < 0.006 for n in range(1, 9)), line
 
 
-def test_a_file_without_eval_data_is_split_never_scored_on_training_rows(setup, tmp_path):
+def test_a_file_without_eval_data_is_split_never_scored_on_training_rows(setup):
     from data import load_problems
     everything = load_problems(setup["data"])
     train_, test = (load_problems(setup["data"], s, holdout=True) for s in ("train", "test"))
     assert test and train_ and not {p["prompt"] for p in train_} & {p["prompt"] for p in test}
     assert len(train_) + len(test) == len(everything) == 40
-    assert load_problems(setup["data"], "test", holdout=True) == test  # a fixed split, whatever the seed
-    p = train(setup, tmp_path, "--eval_n=0")  # train.py without --eval_data uses it
-    assert p.returncode == 0 and f"{len(train_)} training items, {len(test)} held-out problems" in p.stdout
+    assert load_problems(setup["data"], "test", n=3, seed=5, holdout=True) == \
+        load_problems(setup["data"], "test", n=3, seed=5, holdout=True)  # a fixed split; n samples within it
+    assert {p["prompt"] for p in load_problems(setup["data"], "test", n=3, seed=5, holdout=True)} <= \
+        {p["prompt"] for p in test}
 
 
 def test_a_prompt_over_the_context_is_refused_at_load(setup, tmp_path):
@@ -176,12 +180,11 @@ def test_a_prompt_over_the_context_is_refused_at_load(setup, tmp_path):
 
 # ---------------------------------------------------------------------------- one clear line, never a traceback
 
-@pytest.mark.parametrize("case", ["file", "unwritable", "per_update0"])
-def test_bad_out_dir_and_values_are_one_line(setup, tmp_path, case):
+@pytest.mark.parametrize("case", ["file", "unwritable"])
+def test_a_bad_out_dir_is_one_line(setup, tmp_path, case):
     (tmp_path / "a_file").write_text("x")
     args, expect = {"file": ([f"--out_dir={tmp_path / 'a_file'}"], "is a file, not a directory"),
-                    "unwritable": (["--out_dir=/proc/nanogrpo_out"], "cannot write there"),
-                    "per_update0": (["--prompts_per_update=0"], "--prompts_per_update=0: must be > 0")}[case]
+                    "unwritable": (["--out_dir=/proc/nanogrpo_out"], "cannot write there")}[case]
     assert expect in one_error_line(train(setup, tmp_path / "out", *args))
 
 
@@ -210,7 +213,8 @@ def test_non_utf8_data_names_the_file(tmp_path):
         load_problems(str(path))
 
 
-@pytest.mark.parametrize("content,what", [(b"", "an empty file"), (os.urandom(4096), "not a torch.save archive")])
+@pytest.mark.parametrize("content,what", [(b"", "an empty file"), (bytes(range(256)) * 16, "not a torch.save archive")],
+                         ids=["empty", "random"])
 def test_a_file_that_is_not_a_checkpoint_says_so(setup, tmp_path, content, what):
     from eval import load_checkpoint
     (tmp_path / "ckpt.pt").write_bytes(content)
