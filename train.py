@@ -183,14 +183,11 @@ for note in notes:
     print0(f"warning: {note}")
 
 
-def on_sigint(*_):
-    """Ctrl-C: where the run stopped and how to continue it, exit 130 (128 + SIGINT) without a stack trace."""
-    g = globals()
-    saved = g.get("saved_step") or (g.get("start") if cfg.resume else None)
-    again = shlex.join(["python"] + sys.argv + ([] if cfg.resume else ["--resume"]))
-    if master:
-        print(f"\ninterrupted at step {g.get('state', {}).get('step', 0)} of {cfg.num_steps}; " +
-              (f"{ckpt_path} holds step {saved}: continue with {again}" if saved else
+def on_sigint(*_):  # Ctrl-C: where the run stopped and how to go on; exit 130 (128 + SIGINT), no stack trace
+    if master:  # a ckpt.pt in out_dir is this run's (prepare_out_dir refused or removed any other)
+        again = shlex.join(["python"] + sys.argv + ["--resume"] * (not cfg.resume))
+        print(f"\ninterrupted after step {globals().get('state', {}).get('step', 0)} of {cfg.num_steps}; " +
+              (f"continue from {ckpt_path} with: {again}" if os.path.exists(ckpt_path) else
                "no checkpoint written yet (--save_every=N saves every N steps)"), file=sys.stderr, flush=True)
     raise SystemExit(130)
 
@@ -315,8 +312,6 @@ def save_checkpoint():
         atomic_write(ckpt_path, lambda f: torch.save(ckpt, f))
     except OSError as e:
         die(f"cannot save {ckpt_path}: {e.strerror}; fix that, then continue from it with --resume")
-    global saved_step
-    saved_step = state["step"]
 
 
 if cfg.wandb and master:
