@@ -7,6 +7,7 @@ falling back to the raw string for str fields. Unknown keys and wrong types are 
 `--help` lists every key with its value and its comment, grouped by the dataclass's `# section` lines.
 """
 import ast
+import contextlib
 import difflib
 import errno
 import fcntl
@@ -113,19 +114,21 @@ def print_help(cfg):
         if keys:
             print(f"\n{title}:" if title else "")
             for key, comment in keys:
-                print(textwrap.fill(comment, 118, initial_indent=f"  {key:<{width}}", subsequent_indent=" " * (width + 2))
+                pad = " " * (width + 2)
+                print(textwrap.fill(comment, 118, initial_indent=f"  {key:<{width}}", subsequent_indent=pad)
                       if comment else f"  {key}")
 
 
 def check_train(cfg):
     """train.py's checks across keys, and the values with which a run can never learn. Returns cfg; raises ValueError
     with one line."""
-    for key, ok in [("algo", ("grpo", "dpo", "dpo_offline")), ("adv_scale", ("std", "batch", "none")),
-                    ("agg", ("seq_mean", "token_mean", "const")), ("old_logp", ("sampler", "recompute")),
-                    ("sample_dtype", ("", "float32", "bfloat16", "bfloat16_emul")), ("dtype", ("float32", "bfloat16"))]:
+    if cfg.algo not in ("grpo", "dpo", "dpo_offline"):
+        raise ValueError(f"--algo={cfg.algo}: expected grpo, dpo or dpo_offline")
+    for key, ok in [("adv_scale", ("std", "batch", "none")), ("agg", ("seq_mean", "token_mean", "const")),
+                    ("old_logp", ("sampler", "recompute")), ("dtype", ("float32", "bfloat16")),
+                    ("sample_dtype", ("", "float32", "bfloat16", "bfloat16_emul"))]:
         if getattr(cfg, key) not in ok:
-            raise ValueError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(map(repr, ok))}" if key != "algo"
-                             else f"--algo={cfg.algo}: expected grpo, dpo or dpo_offline")
+            raise ValueError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(map(repr, ok))}")
     for key in ("k", "prompts_per_step", "prompts_per_update", "token_budget", "max_new_tokens", "num_steps", "lr",
                 "beta", "rs_max_k"):
         if getattr(cfg, key) <= 0:
@@ -249,10 +252,8 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:  # Ctrl-C included
-        try:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        except OSError:
-            pass
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(e.errno, f"no space left on {os.path.dirname(os.path.abspath(path))} (writing {path}; "
                                    "the previous file is unchanged)") from None

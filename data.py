@@ -283,8 +283,8 @@ def _hub_rows(name, split):
     path, _, config = name.partition(":")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")) and not _hub_reachable(endpoint):
-        raise ValueError(f"could not load hub dataset {name!r}: {endpoint} is unreachable (offline?); use a local file, "
-                         "or HF_HUB_OFFLINE=1 to read it from the datasets cache")
+        raise ValueError(f"could not load hub dataset {name!r}: {endpoint} is unreachable (offline?); use a local "
+                         "file, or HF_HUB_OFFLINE=1 to read it from the datasets cache")
     try:
         return datasets.load_dataset(path, config or None, split=split)
     except Exception as e:  # offline, unknown name or split: one line is enough
@@ -353,6 +353,6 @@ def check_prompt_lengths(items, tok, max_tokens, where):
     long = [i for i, n in enumerate(lens) if n > max_tokens]
     if long:
         i = long[0]
-        raise ValueError(f"{where}: {len(long)} prompt(s) longer than the {max_tokens} tokens the model's context leaves "
-                         f"after max_new_tokens, the first {lens[i]} tokens: {items[i]['prompt'][:60]!r}...; drop them "
-                         "or lower --max_new_tokens")
+        raise ValueError(f"{where}: {len(long)} prompt(s) longer than the {max_tokens} tokens the model's context "
+                         f"leaves after max_new_tokens, the first {lens[i]} tokens: {items[i]['prompt'][:60]!r}...; "
+                         "drop them or lower --max_new_tokens")

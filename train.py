@@ -207,8 +207,9 @@ try:
         eval_problems = load_problems(cfg.eval_data, "test", n=cfg.eval_n or None) if cfg.eval_data else []
     else:
         # a file without --eval_data: train and eval on its two sides of a fixed hash split, never on the same rows
-        train_items = load_problems(cfg.data, "train", n=cfg.train_n or None, seed=cfg.seed, holdout=not cfg.eval_data)
-        eval_problems = load_problems(cfg.eval_data or cfg.data, "test", n=cfg.eval_n or None, holdout=not cfg.eval_data)
+        split = not cfg.eval_data
+        train_items = load_problems(cfg.data, "train", n=cfg.train_n or None, seed=cfg.seed, holdout=split)
+        eval_problems = load_problems(cfg.eval_data or cfg.data, "test", n=cfg.eval_n or None, holdout=split)
     for flag, items in (("--data", train_items), ("--eval_data", eval_problems)):  # a prompt over the context hangs
         check_prompt_lengths(items, tok, model.cfg.max_seq_len - cfg.max_new_tokens, flag)
 except (ValueError, OSError) as e:
@@ -643,9 +644,10 @@ for step in range(start, cfg.num_steps + 1):
     top, n_top = Counter(answers).most_common(1)[0] if answers else (None, 0)
     log["top_share"] = n_top / max(1, len(answers))
     top = f" | top {'none' if top is None else repr(top[:20])} {log['top_share']:.2f}" if answers else ""
-    print0(f"step {step:04d}/{cfg.num_steps:04d} | " + " | ".join(f"{key} {log[key]:.3f}" for key in shown) + top + mism +
-           f" | gnorm {gnorm:.2f} | lr {log['lr']:.1e} | roll {log['roll_s']:.1f}s | train {log['train_s']:.1f}s | "
-           f"tok/s {log['tok_s']:.0f} | rollouts {state['rollouts']} | {log['wall_min']:.1f} min")
+    print0(f"step {step:04d}/{cfg.num_steps:04d} | " + " | ".join(f"{key} {log[key]:.3f}" for key in shown) + top +
+           mism + f" | gnorm {gnorm:.2f} | lr {log['lr']:.1e} | roll {log['roll_s']:.1f}s | "
+           f"train {log['train_s']:.1f}s | tok/s {log['tok_s']:.0f} | rollouts {state['rollouts']} | "
+           f"{log['wall_min']:.1f} min")
     if cfg.wandb and master:
         wandb.log({f"train/{key}": v for key, v in log.items()}, step=step)
     if bar is not None:
