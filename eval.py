@@ -17,15 +17,17 @@ maj@n votes by answer equivalence (reward.is_equiv): 0.5, 1/2 and \frac{1}{2} ar
 import json
 import math
 import os
+import signal
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from config import parse_config
-from data import load_problems
+from config import atomic_write, check_out_file, parse_config
+from data import check_prompt_lengths, load_problems
 from model import chat_ids, from_pretrained, stop_token_ids
 from reward import FALLBACKS, extract_answer, is_equiv, math_reward, normalize_answer
 from rollout import generate
@@ -126,6 +128,9 @@ def load_checkpoint(path):
     """torch.load(weights_only=True): tensors, numbers, strings, lists, tuples and dicts only, which is all a training
     checkpoint holds, so a file from someone else cannot run code while loading. Raises ValueError with one line.
     Every tensor lands on the CPU, whatever device wrote it (torch.set_rng_state takes only a CPU ByteTensor)."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: anything else is not a checkpoint of ours
+        what = "an empty file" if os.path.isfile(path) and os.path.getsize(path) == 0 else "not a torch.save archive"
+        raise ValueError(f"{path} is not a checkpoint ({what}): corrupt, truncated, or not written by train.py")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no second copy in RAM
     except Exception as e:
@@ -213,8 +218,14 @@ if __name__ == "__main__":
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
 
+    def interrupted(*_):  # Ctrl-C: one line, exit 130 (128 + SIGINT), no stack trace
+        print("\ninterrupted: no results written", file=sys.stderr)
+        sys.exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
     try:
         cfg = parse_args(sys.argv[1:])
+        check_out_file(cfg.out)  # a bad --out fails now, not after the eval
     except (ValueError, FileNotFoundError) as e:
         die(e)
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
@@ -229,6 +240,7 @@ if __name__ == "__main__":
                 die(f"no problems in {source!r} split {cfg.split!r}")
             problems += [dict(p, source=source) for p in ps]  # the table's rows are the --data entries
         model, tok = load_model(cfg.model, device, dtype)
+        check_prompt_lengths(problems, tok, model.cfg.max_seq_len - cfg.max_new_tokens, "--data")
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         die(e)
 
@@ -248,7 +260,10 @@ if __name__ == "__main__":
     for source, m in rows.items():
         print(f"{source:<{width}} " + " ".join(f"{m[k]:>9.4f}" if isinstance(m[k], float) else f"{m[k]:>9}" for k in cols))
     print(f"time {dt:.1f}s ({metrics['n_samples'] / dt:.1f} samples/s)")
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump({"metrics": metrics, "config": asdict(cfg), "device": device, "time_s": round(dt, 2)}, f, indent=2)
+    result = {"metrics": metrics, "config": asdict(cfg), "device": device, "time_s": round(dt, 2)}
+    try:  # atomic: a crash or a full disk leaves any previous file whole
+        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+        atomic_write(cfg.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    except OSError as e:
+        die(f"cannot write {cfg.out}: {e.strerror} (the table above holds the results)")
     print(f"wrote {cfg.out}")

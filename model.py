@@ -62,6 +62,10 @@ def config_from_hf(hf, where="config.json"):
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
         raise ValueError(f"{where}: unsupported rope scaling {rope_type!r}; supported: default, linear, llama3")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+               if k not in hf]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)}; is it a complete Hugging Face config.json?")
     n_heads = hf["num_attention_heads"]
     return ModelConfig(
         arch=mt, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
@@ -389,8 +393,12 @@ def from_pretrained(name_or_path=DEFAULT_MODEL, device="cpu", dtype=torch.float3
         cfg, sd = _load_gguf(path)
         tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
     else:
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = config_from_hf(json.load(f), where=os.path.join(path, "config.json"))
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                hf = json.load(f)
+        except ValueError as e:  # JSON or UTF-8
+            raise ValueError(f"{os.path.join(path, 'config.json')}: not valid JSON ({e})") from None
+        cfg = config_from_hf(hf, where=os.path.join(path, "config.json"))
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"{path}: no *.safetensors weights (.bin checkpoints are not supported)")

@@ -30,8 +30,11 @@ Where this loop departs from verl / TRL (loss.py's docstring lists the loss conv
 import atexit
 import os
 import random
+import shlex
+import signal
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -46,7 +49,8 @@ class Config:
     # model and data
     model: str = "smollm2-135m-instruct"  # from_pretrained name: built-in, HF dir, hub id or .gguf file
     data: str = "synthetic:1"             # training problems (data.load_problems); dpo_offline: a preference .jsonl
-    eval_data: str = ""                   # held-out problems; "" = the test split of `data`
+    eval_data: str = ""                   # held-out problems; "" = the test split of `data` (a file: a fixed-hash ~20%
+                                          # of its problems, which training then never sees)
     train_n: int = 0                      # train on a seeded subset of this many problems (more epochs); 0 = all
     fallbacks: str = "boxed,last_number"  # answer extraction order (reward.py): boxed, answer, hash, last_number
     # algorithm
@@ -91,7 +95,8 @@ class Config:
     sample_every: int = 5                 # print two decoded rollouts every this many steps; 0 = never
     save_every: int = 0                   # checkpoint every this many steps; 0 = only at the end
     out_dir: str = "out"
-    resume: bool = False                  # continue from out_dir/ckpt.pt if it exists
+    resume: bool = False                  # continue from out_dir/ckpt.pt (none there: start from scratch, and say so)
+    overwrite: bool = False               # replace the run in out_dir (without it, a checkpoint there is an error)
     wandb: bool = False                   # also log to wandb (WANDB_MODE=offline works without network)
     wandb_project: str = "nanogrpo"
     run_name: str = ""
@@ -116,54 +121,17 @@ def die(msg):
 
 # -----------------------------------------------------------------------------
 # config, distributed setup, device
-from config import parse_config  # noqa: E402
-from data import load_preferences, load_problems  # noqa: E402
+from config import atomic_write, check_train, parse_config, prepare_out_dir  # noqa: E402
+from data import check_prompt_lengths, load_preferences, load_problems  # noqa: E402
 from eval import evaluate, load_checkpoint  # noqa: E402
 from loss import (dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, sampler_mismatch,  # noqa: E402
                   seq_logp)
 from model import chat_ids, from_pretrained, stop_token_ids  # noqa: E402
-from reward import math_reward  # noqa: E402
+from reward import extract_answer, math_reward  # noqa: E402
 from rollout import Bf16Emulation, completion_logprobs, generate, make_compiled_decode  # noqa: E402
 
 try:
-    cfg = parse_config(Config(), sys.argv[1:])
-    if cfg.algo not in ("grpo", "dpo", "dpo_offline"):
-        raise ValueError(f"--algo={cfg.algo}: expected grpo, dpo or dpo_offline")
-    if cfg.algo == "dpo" and cfg.k != 2:
-        raise ValueError(f"--k={cfg.k}: online DPO samples 2 rollouts per prompt; set --k=2")
-    if cfg.prompts_per_step % cfg.prompts_per_update:
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of "
-                         f"prompts_per_update={cfg.prompts_per_update}")
-    if cfg.resample and cfg.algo == "grpo" and cfg.kl_coef > 0:
-        raise ValueError("--resample=True with --kl_coef>0: with a KL term no group is dropped, so RS would refill "
-                         "nothing; use one or the other")
-    if cfg.norm_dropped and (cfg.resample or cfg.algo == "dpo_offline" or (cfg.algo == "grpo" and cfg.kl_coef > 0)):
-        raise ValueError("--norm_dropped=True counts dropped groups, but with --resample they are refilled and with "
-                         "dpo_offline or --kl_coef>0 none are dropped; drop --norm_dropped")
-    if cfg.train_n < 0 or (cfg.train_n and cfg.algo == "dpo_offline"):
-        raise ValueError(f"--train_n={cfg.train_n}: a number of training problems >= 0 (0 = all); dpo_offline reads "
-                         "every preference pair, drop --train_n there")
-    if (cfg.gpu or cfg.gpus) and not cfg.dry_run:
-        raise ValueError("--gpu/--gpus describe the GPUs --dry_run plans for; to train on N GPUs run "
-                         "torchrun --nproc_per_node=N train.py")
-    for key, ok in [("adv_scale", ("std", "batch", "none")), ("old_logp", ("sampler", "recompute")),
-                    ("sample_dtype", ("", "float32", "bfloat16", "bfloat16_emul"))]:
-        if getattr(cfg, key) not in ok:
-            raise ValueError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(map(repr, ok))}")
-    if cfg.tis_cap < 0 or (cfg.tis_cap > 0 and cfg.old_logp != "recompute"):
-        raise ValueError(f"--tis_cap={cfg.tis_cap}: a cap >= 0 (0 = off), with --old_logp=recompute (with the "
-                         "sampler's log-probs as old_logp the TIS weight is 1)")
-    if cfg.sample_mem_gib < 0:
-        raise ValueError(f"--sample_mem_gib={cfg.sample_mem_gib}: a budget in GiB > 0, or 0 for no chunking")
-    if cfg.dual_clip != 0 and cfg.dual_clip <= 1:
-        raise ValueError(f"--dual_clip={cfg.dual_clip}: 0 (off) or a cap c > 1 (verl uses 3)")
-    if cfg.algo != "grpo" and (cfg.tis_cap or cfg.dual_clip or cfg.old_logp != "sampler"):
-        raise ValueError(f"--algo={cfg.algo}: --tis_cap, --dual_clip and --old_logp=recompute are GRPO options")
-    if cfg.algo == "dpo_offline" and cfg.sample_dtype:
-        raise ValueError(f"--sample_dtype={cfg.sample_dtype}: dpo_offline samples nothing; drop it")
-    if cfg.fsdp and cfg.dtype == "bfloat16" and cfg.sample_dtype in ("float32", "bfloat16_emul"):
-        raise ValueError(f"--sample_dtype={cfg.sample_dtype} with --fsdp --dtype=bfloat16: FSDP gathers the weights "
-                         "in bf16, so the sampler cannot run in fp32; use --dtype=float32 or drop --sample_dtype")
+    cfg = check_train(parse_config(Config(), sys.argv[1:]))
 except (ValueError, FileNotFoundError) as e:
     die(e)
 if cfg.fsdp and cfg.compile:
@@ -198,8 +166,11 @@ ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat1
 sample_ctx = {"": lambda: ctx, "float32": nullcontext, "bfloat16_emul": Bf16Emulation,
               "bfloat16": lambda: torch.autocast(device.type, dtype=torch.bfloat16)}[cfg.sample_dtype]
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-os.makedirs(cfg.out_dir, exist_ok=True)
 ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+try:  # one trainer per out_dir (a lock), no checkpoint replaced unasked, no partial one left from a failed save
+    lock, notes = prepare_out_dir(cfg) if master else (None, [])
+except ValueError as e:
+    die(e)
 log_file = open(os.path.join(cfg.out_dir, "log.txt"), "a") if master else None
 
 
@@ -218,6 +189,20 @@ def print0(*args):
 
 
 print0(f"config: {asdict(cfg)}")
+for note in notes:
+    print0(f"warning: {note}")
+
+
+def on_sigint(*_):  # Ctrl-C: where the run stopped and how to go on; exit 130 (128 + SIGINT), no stack trace
+    if master:  # a ckpt.pt in out_dir is this run's (prepare_out_dir refused or removed any other)
+        again = shlex.join(["python"] + sys.argv + ["--resume"] * (not cfg.resume))
+        print(f"\ninterrupted after step {globals().get('state', {}).get('step', 0)} of {cfg.num_steps}; " +
+              (f"continue from {ckpt_path} with: {again}" if os.path.exists(ckpt_path) else
+               "no checkpoint written yet (--save_every=N saves every N steps)"), file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
+signal.signal(signal.SIGINT, on_sigint)
 
 # -----------------------------------------------------------------------------
 # model, reference, data, optimizer
@@ -231,9 +216,13 @@ try:
         train_items = load_preferences(cfg.data)
         eval_problems = load_problems(cfg.eval_data, "test", n=cfg.eval_n or None) if cfg.eval_data else []
     else:
-        train_items = load_problems(cfg.data, "train", n=cfg.train_n or None, seed=cfg.seed)
-        eval_problems = load_problems(cfg.eval_data or cfg.data, "test", n=cfg.eval_n or None)
-except (ValueError, FileNotFoundError) as e:
+        # a file without --eval_data: train and eval on its two sides of a fixed hash split, never on the same rows
+        split = not cfg.eval_data
+        train_items = load_problems(cfg.data, "train", n=cfg.train_n or None, seed=cfg.seed, holdout=split)
+        eval_problems = load_problems(cfg.eval_data or cfg.data, "test", n=cfg.eval_n or None, holdout=split)
+    for flag, items in (("--data", train_items), ("--eval_data", eval_problems)):  # a prompt over the context hangs
+        check_prompt_lengths(items, tok, model.cfg.max_seq_len - cfg.max_new_tokens, flag)
+except (ValueError, OSError) as e:
     die(e)
 model.train()
 model.gradient_checkpointing = cfg.grad_ckpt
@@ -333,12 +322,10 @@ def save_checkpoint():
     ckpt = dict(model=model_sd, optimizer=optim_sd, scheduler=scheduler.state_dict(),
                 state=state, rng=dict(torch=torch.get_rng_state(), python=random.getstate()), config=asdict(cfg))
     # no CUDA RNG state: nothing draws from it (sampling noise comes from per-row CPU generators, rollout.py)
-    tmp = ckpt_path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_path)
+    try:
+        atomic_write(ckpt_path, lambda f: torch.save(ckpt, f))
+    except OSError as e:
+        die(f"cannot save {ckpt_path}: {e.strerror}; fix that, then continue from it with --resume")
 
 
 if cfg.wandb and master:
@@ -486,7 +473,8 @@ def online_batch(step):
         groups += more
         rollouts += all_sum(len(more) * k)
         stats = {key: stats[key] + more_stats[key] for key in stats}
-    stats.update(n_groups=len(groups), rollouts=rollouts)
+    stats.update(n_groups=len(groups), rollouts=rollouts, answers=[extract_answer(t, fallbacks) for g in groups
+                                                                   for t in g["texts"]])  # the log's top answer
     groups = [g for g in groups if g["keep"] or cfg.norm_dropped]
     std = None
     if cfg.adv_scale == "batch":  # the std of every reward sampled this step, all ranks (TRL's scale_rewards="batch")
@@ -560,6 +548,7 @@ get_batch = offline_batch if cfg.algo == "dpo_offline" else online_batch  # the 
 # the loop
 n_updates = cfg.prompts_per_step // cfg.prompts_per_update
 start = state["step"]
+idle = 0  # steps in a row without an optimizer update
 if master and sys.stderr.isatty():
     bar = tqdm(total=cfg.num_steps, initial=start, unit="step", dynamic_ncols=True)
 for step in range(start, cfg.num_steps + 1):
@@ -656,14 +645,27 @@ for step in range(start, cfg.num_steps + 1):
     shown += (["clip_dual"] if cfg.dual_clip else []) + (["tis", "tis_capped"] if cfg.tis_cap else [])
     # sampler vs trainer log-probs on the first mini-batch: |diff| mean and max, k3 KL(sampler || trainer)
     mism = f" | mismatch {log['mismatch']:.1e} max {mm_max:.1e} k3 {log['mismatch_k3']:.1e}" if cfg.algo == "grpo" else ""
-    print0(f"step {step:04d}/{cfg.num_steps:04d} | " + " | ".join(f"{key} {log[key]:.3f}" for key in shown) + mism +
-           f" | gnorm {gnorm:.2f} | lr {log['lr']:.1e} | roll {log['roll_s']:.1f}s | train {log['train_s']:.1f}s | "
-           f"tok/s {log['tok_s']:.0f} | rollouts {state['rollouts']} | {log['wall_min']:.1f} min")
+    answers = stats.get("answers", [])  # the most frequent answer and its share: a collapse onto one shows here
+    if ddp:
+        parts = [None] * world
+        dist.all_gather_object(parts, answers)
+        answers = [a for part in parts for a in part]
+    top, n_top = Counter(answers).most_common(1)[0] if answers else (None, 0)
+    log["top_share"] = n_top / max(1, len(answers))
+    top = f" | top {'none' if top is None else repr(top[:20])} {log['top_share']:.2f}" if answers else ""
+    print0(f"step {step:04d}/{cfg.num_steps:04d} | " + " | ".join(f"{key} {log[key]:.3f}" for key in shown) + top +
+           mism + f" | gnorm {gnorm:.2f} | lr {log['lr']:.1e} | roll {log['roll_s']:.1f}s | "
+           f"train {log['train_s']:.1f}s | tok/s {log['tok_s']:.0f} | rollouts {state['rollouts']} | "
+           f"{log['wall_min']:.1f} min")
     if cfg.wandb and master:
         wandb.log({f"train/{key}": v for key, v in log.items()}, step=step)
     if bar is not None:
         bar.update(1)
         bar.set_postfix(reward=f"{log['reward']:.3f}", zero_var=f"{log['zero_var']:.2f}", refresh=False)
+    idle = 0 if updated else idle + 1
+    if idle == 3 or (idle and idle % 10 == 0):
+        print0(f"warning: no update in the last {idle} steps: every group's rollouts had equal rewards (zero_var 1); "
+               "check the answers the model gives (top), --fallbacks, --temperature and --max_new_tokens (trunc)")
     if cfg.sample_every and step % cfg.sample_every == 0 and groups:
         for g in [g for g in groups if g["keep"]][:2]:
             print0(f"  sample | answer {g['answer']} | rewards {g['rewards']} | {g['texts'][0][:300]!r}")
@@ -671,6 +673,8 @@ for step in range(start, cfg.num_steps + 1):
 if bar is not None:
     bar.close()
     bar = None
+if idle and idle == cfg.num_steps - start:
+    print0(f"warning: this run made no update in any of its {idle} steps: the model is unchanged")
 if state["eval_last"] is not None:
     e0, e1 = state["eval0"], state["eval_last"]
     change = f"{100 * e0:.1f}% -> {100 * e1:.1f}% ({100 * (e1 - e0):+.1f} points)" if e0 is not None else \

@@ -189,6 +189,7 @@ def test_hub_without_datasets_is_one_clear_error(monkeypatch):
             load_problems(source)
 
 def test_hub_rows_are_parsed(monkeypatch):
+    monkeypatch.setattr(data, "_hub_reachable", lambda endpoint: True)  # no network in tests
     # a stand-in for the `datasets` package: the loader only needs load_dataset(path, config, split=...)
     class FakeDatasets:
         @staticmethod
@@ -199,6 +200,7 @@ def test_hub_rows_are_parsed(monkeypatch):
     assert [p["answer"] for p in load_problems("hf:openai/gsm8k:main", split="test")] == ["5", "1234"]
 
 def test_hub_errors_are_one_line(monkeypatch):
+    monkeypatch.setattr(data, "_hub_reachable", lambda endpoint: True)  # no network in tests
     class OfflineDatasets:
         @staticmethod
         def load_dataset(path, config, split):
