@@ -82,16 +82,16 @@ def byte_tokenizer():
 
 
 def gpu_peaks(device):
-    """(plan.GPUS key, peak bytes/s, peak bf16 FLOP/s) of this device, or (name, None, None) if not in plan.GPUS."""
+    """(peak HBM bytes/s, peak dense bf16 FLOP/s) of this GPU from plan.GPUS, or (None, None) (a CPU, another GPU)."""
     import torch
     import plan
     if device.type != "cuda":
-        return "cpu", None, None
+        return None, None
     name = torch.cuda.get_device_name(device)
     big = torch.cuda.get_device_properties(device).total_memory > 50e9
     key = next((k for k, s in [("h100", "H100"), ("h200", "H200"), ("a100-80g" if big else "a100-40g", "A100"),
                                ("l4", "L4")] if s in name), None)
-    return (key, plan.GPUS[key][2] * 1e9, plan.GPUS[key][1] * 1e12) if key else (name, None, None)
+    return (plan.GPUS[key][2] * 1e9, plan.GPUS[key][1] * 1e12) if key else (None, None)
 
 
 def plan_lines(cfg, **kw):
@@ -174,7 +174,6 @@ def part_parity(a):
                         out[dt, start, "ours"] = first_q(lambda: ours(ids, pos).float())
                         out[dt, start, "hf"] = first_q(lambda: theirs(input_ids=ids, position_ids=pos).logits.float())
         for start in (0, 3000):
-            ref = out[torch.float32, start, "hf"][0]
             err = lambda dt, who, i=0: float((out[dt, start, who][i] - out[torch.float32, start, "hf"][i]).abs().max()
                                              / out[torch.float32, start, "hf"][i].abs().max())
             emit(f"{arch} fp32 logits, positions {start}+", "pass" if err(torch.float32, "ours") < 1e-3 else "FAIL",
@@ -349,14 +348,14 @@ def part_update(a):
     step(3)
     sync()
     dt = (time.time() - t0) / 3
-    gpu, _, flops = gpu_peaks(dev)
+    flops = gpu_peaks(dev)[1]
     N = model.num_params()
     mfu = f"MFU {6 * N * ntok / dt / flops:.1%} of {flops / 1e12:.0f} TFLOP/s" if flops else "MFU n/a (no known peak)"
     emit(f"update {name}, {P * k} rows x ({Lp} + {lo}..{hi}) tokens, grad_ckpt, "
          + ("bf16 autocast" if cuda else "fp32"), "pass",
          f"{ntok / dt:,.0f} tokens/s ({ntok} tokens a micro-batch, {dt:.2f} s each incl. 1/3 of an AdamW step); "
          f"{mfu} (6 N tokens, N = {N / 1e9:.3f}B; ckpt's recompute not counted)", tok_s=ntok / dt)
-    _, upd = plan_lines(cfg, prompts_per_update=P, k=k, token_budget=P * k * (Lp + hi))
+    _, upd = plan_lines(cfg, prompts_per_update=P, k=k, token_budget=P * k * (Lp + (lo + hi) // 2))
     if cuda and upd:
         peak, pred = torch.cuda.max_memory_allocated(), sum(upd.values())
         emit("update peak memory vs plan.py", "info", f"{peak / 2**30:.1f} GiB measured, plan {pred / 2**30:.1f} GiB "
@@ -418,13 +417,13 @@ def part_sampler(a, mode):
         with dev:
             hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_to_hf(cfg)), dtype=torch.bfloat16)
         hf.load_state_dict({k if k == "lm_head.weight" else "model." + k: v for k, v in model.state_dict().items()})
-        model = hf.eval()
+        model = hf.to(dev).eval()
         del hf
     sig = inspect.signature(rollout.generate).parameters
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     kv_tok = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # bf16 bytes of K and V a token
     w_bytes = 2 * (sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.dim)  # all but the embeddings
-    _, bw, _ = gpu_peaks(dev)
+    bw = gpu_peaks(dev)[0]
     g = torch.Generator().manual_seed(0)
     Rs = ((8, 16) if a.tiny else (256, 1024)) if mode != "hf" else ((8,) if a.tiny else (256,))
     for R in Rs:
@@ -522,9 +521,13 @@ def finish_part(job, log):
     try:
         p.wait(timeout=max(0.0, job["deadline"] - time.time()))
         why = None if p.returncode == 0 else f"exit {p.returncode}"
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+    except subprocess.TimeoutExpired:  # TERM first: torchrun's agent then ends its workers (their own sessions)
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
         why = f"timed out after {job['deadline'] - job['t0']:.0f} s"
     job["out"].seek(0)
     text = job["out"].read()
@@ -532,6 +535,7 @@ def finish_part(job, log):
     log.write(f"===== {job['part']}\n{text}\n")
     log.flush()
     rows = [json.loads(line[4:]) for line in text.splitlines() if line.startswith("ROW {")]
+    why = why or (None if rows else "no result")
     if why:
         tail = [line for line in text.splitlines() if line.strip() and not line.startswith("ROW")][-1:]
         rows.append(dict(name="process", status="FAIL", value=f"{why}: {tail[0][:300] if tail else 'no output'}"))
@@ -578,8 +582,8 @@ def main():
         if a.device == "cpu":
             torch.set_num_threads(1 if a.tiny else torch.get_num_threads())
         return fn(a)
+    import importlib.metadata
     import torch
-    import transformers
     parts = [p for p in a.parts.split(",") if p]
     if bad := [p for p in parts if p not in PARTS]:
         sys.exit(f"error: unknown --parts {bad}; choose from {', '.join(PARTS)}")
@@ -589,7 +593,7 @@ def main():
         sys.exit(2)
     os.makedirs(a.out, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name() if a.device == "cuda" else f"cpu ({platform.processor() or '?'})",
-                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                torch=torch.__version__, transformers=importlib.metadata.version("transformers"), python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv[1:], seconds=0.0)
     # math_verify must not be needed: a stand-in that records any import of it, and fails it
     shadow = tempfile.mkdtemp(prefix="gpucheck_")

@@ -3,10 +3,13 @@ its own process, and reports every part with a status in gpucheck.json and gpuch
 (the CUDA-only ones say "skipped: no CUDA" after running what they can). Also: the sampler part's forced stop times
 give the paper-like length distribution it claims.
 Run: python -m pytest -q tests/test_gpucheck.py"""
+import io
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import gpucheck
 
@@ -38,6 +41,18 @@ def test_control_stops_forces_lengths():
         ro = rollout.generate(model, prompts, max_new_tokens=new, temperature=t, stop_ids=[gpucheck.STOP], seed=0)
         assert ro.mask.sum(1).long().tolist() == lens
         assert ro.finish == ["eos"] * 4 + ["length"]
+
+
+def test_a_part_past_its_deadline_is_killed_and_keeps_its_rows():
+    """What a part printed before its timeout is kept; the timeout is a FAIL row; its process group is gone."""
+    code = "import time; print('ROW ' + '{\"name\": \"a\", \"status\": \"pass\", \"value\": \"1\"}', flush=True); time.sleep(60)"
+    out = tempfile.TemporaryFile("w+")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    rows = gpucheck.finish_part(dict(part="x", proc=p, out=out, t0=time.time(), deadline=time.time() + 5), io.StringIO())
+    assert [r["name"] for r in rows] == ["a", "process"] and rows[0]["status"] == "pass"
+    assert rows[1]["status"] == "FAIL" and rows[1]["value"].startswith("timed out"), rows
+    assert p.poll() is not None
 
 
 def test_cpu_tiny_end_to_end(tmp_path):
