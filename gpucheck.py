@@ -426,6 +426,8 @@ def part_sampler(a, mode):
     bw = gpu_peaks(dev)[0]
     g = torch.Generator().manual_seed(0)
     Rs = ((8, 16) if a.tiny else (256, 1024)) if mode != "hf" else ((8,) if a.tiny else (256,))
+    need = lambda R: 2 * sum(p.numel() for p in model.parameters()) + R * (-(-(265 + new) // 64) * 64) * kv_tok
+    fits = lambda R: not cuda or need(R) <= 0.9 * torch.cuda.mem_get_info()[1]
     for R in Rs:
         Lp = [int(x) for x in torch.randint(236, 265, (R,), generator=g)] if not a.tiny else [20 + r % 9 for r in range(R)]
         body = [torch.randint(3, base, (n - 1,), generator=g).tolist() for n in Lp]
@@ -435,9 +437,8 @@ def part_sampler(a, mode):
         label = f"{mode} {R} rows"
         roll, _ = plan_lines(cfg, prompts_per_step=R, compile=mode == "compiled") if mode != "hf" else (None, None)
         pred = roll and 2 * sum(p.numel() for p in model.parameters()) + roll["kv"] + roll["sampler"]
-        need = 2 * sum(p.numel() for p in model.parameters()) + R * (-(-(max(Lp) + new) // 64) * 64) * kv_tok
-        if cuda and need > 0.9 * torch.cuda.mem_get_info()[1]:  # 1024 rows on an 80 GB H100
-            emit(label, f"skipped: bf16 weights and a bf16 KV cache of every row alone take {need / 2**30:.0f} GiB")
+        if not fits(R):  # 1024 rows on an 80 GB H100
+            emit(label, f"skipped: bf16 weights and a bf16 KV cache of every row alone take {need(R) / 2**30:.0f} GiB")
             continue
 
         def run(ls, **kw):
@@ -454,6 +455,7 @@ def part_sampler(a, mode):
             ro = rollout.generate(model, prompts(ls), k=1, max_new_tokens=new, temperature=1.0, stop_ids=[STOP],
                                   pad_id=PAD, seed=0, decode_fn=decode_fn, **kw)
             return ro.mask.sum(1).long().tolist(), st
+
         def timed(ls, **kw):
             sync()
             t0 = time.time()
@@ -466,27 +468,28 @@ def part_sampler(a, mode):
             t_pre, _ = timed([1] * R, **({"sync_every": 1} if "sync_every" in sig and mode != "hf" else {}))  # prefill
             t_probe, _ = timed([17] * R)  # 16 decode steps of every row: the step time, to size the window
             # the window: as many steps as fit in this row count's share of the time left (a 1.5x margin)
-            share = (a.deadline - time.time() - 15) / (1 + (R != Rs[-1])) - t_pre
-            W_run = max(16, min(W, int(share / 1.5 / max(t_probe - t_pre, 1e-3) * 16)))
+            share = (a.deadline - time.time() - 15) / sum(map(fits, Rs[Rs.index(R):])) - t_pre
+            W_run = max(16, int(min(W, share / 1.5 / max(t_probe - t_pre, 1e-3) * 16)))
             lens = paper_lengths(R, W_run)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             dt, (got, st) = timed(lens)
-        except torch.cuda.OutOfMemoryError as e:
-            emit(label, "FAIL", f"out of memory: {str(e).splitlines()[0][:200]}")
-            torch.cuda.empty_cache()
+        except Exception as e:  # out of memory, a compile error: this row count's FAIL, the next one still runs
+            emit(label, "FAIL", f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+            if cuda:
+                torch.cuda.empty_cache()
             continue
         tokens = sum(lens)
         ok = got == lens
         # useful bytes of the decode steps: the weights once a step, and each live row's keys/values so far
         decode_bytes = lambda ls: sum(w_bytes + kv_tok * sum(p + t for p, n in zip(Lp, ls) if n > t)
                                       for t in range(1, max(ls)))
-        util = f"utilisation {st['tokens'] / st['row_steps']:.0%}" if st.get("row_steps") else \
+        util = f"utilisation {st['tokens'] / st['row_steps']:.0%} (stats {st})" if st.get("row_steps") else \
             "utilisation n/a (generate has no stats=)"
         mbu = decode_bytes(lens) / max(dt - t_pre, 1e-9)
         full = paper_lengths(R, new)
         est = t_pre + decode_bytes(full) / mbu
-        graphs = st.get("graphs", counters["stats"]["unique_graphs"] - graphs0)
+        graphs = counters["stats"]["unique_graphs"] - graphs0  # compiled for this row count, warm-up included
         mem = ""
         if cuda and pred:
             peak = torch.cuda.max_memory_allocated()
