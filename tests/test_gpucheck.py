@@ -69,7 +69,7 @@ def test_cpu_tiny_end_to_end(tmp_path):
                                     for r in part["rows"]), part
         assert f"| {name} | " in md
     assert parts["tests"]["status"] == "skipped"
-    assert parts["attention"]["status"] == "skipped"  # ran on the CPU: one row per SDPA call kind seen
+    assert parts["attention"]["status"] in ("skipped", "pass")  # ran on the CPU: a row per SDPA call kind (+ info)
     assert sum("decode" in r["name"] for r in parts["attention"]["rows"]) >= 1
     for name in ("parity", "train", "update", "sampler_eager", "generate_hf", "sampler_compiled"):
         assert parts[name]["status"] == "pass", parts[name]
