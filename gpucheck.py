@@ -280,7 +280,8 @@ def part_train(a):
             "--compile=True": ["--num_steps=2", "--compile=True"]}
     jobs = {n: torchrun + script("compile" in n) + base + extra + [f"--out_dir={work}/{n.strip('-').split('=')[0]}"]
             for n, extra in jobs.items()}
-    later = {"--resume": torchrun + script(False) + base + [f"--out_dir={work}/plain", "--num_steps=3", "--resume=True"],
+    later = {"--resume": torchrun + script(False) + base + [f"--out_dir={work}/plain", "--num_steps=3",
+                                                            "--resume=True"],
              "eval": [sys.executable, "eval.py", f"--model={work}/plain", "--n_problems=8", "--max_new_tokens=16",
                       f"--device={a.device}", f"--out={work}/eval.json"]}
     for batch in (jobs, later):  # the runs of a batch side by side
@@ -431,7 +432,7 @@ def part_sampler(a, mode):
     need = lambda R: 2 * sum(p.numel() for p in model.parameters()) + R * (-(-(265 + new) // 64) * 64) * kv_tok
     fits = lambda R: not cuda or need(R) <= 0.9 * torch.cuda.mem_get_info()[1]
     for R in Rs:
-        Lp = [int(x) for x in torch.randint(236, 265, (R,), generator=g)] if not a.tiny else [20 + r % 9 for r in range(R)]
+        Lp = [20 + r % 9 for r in range(R)] if a.tiny else torch.randint(236, 265, (R,), generator=g).tolist()
         body = [torch.randint(3, base, (n - 1,), generator=g).tolist() for n in Lp]
         hl = 8 if a.tiny else 32  # a shared chat-template head, as real prompts have
         # the last prompt token sets the completion's length; rows that run the whole of max_new_tokens get one more
@@ -597,8 +598,9 @@ def main():
               file=sys.stderr)
         sys.exit(2)
     os.makedirs(a.out, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name() if a.device == "cuda" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-                torch=torch.__version__, transformers=importlib.metadata.version("transformers"), python=platform.python_version(),
+    cpu = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    meta = dict(device=torch.cuda.get_device_name() if a.device == "cuda" else cpu, torch=torch.__version__,
+                transformers=importlib.metadata.version("transformers"), python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv[1:], seconds=0.0)
     # math_verify must not be needed: a stand-in that records any import of it, and fails it
     shadow = tempfile.mkdtemp(prefix="gpucheck_")

@@ -45,11 +45,13 @@ def test_control_stops_forces_lengths():
 
 def test_a_part_past_its_deadline_is_killed_and_keeps_its_rows():
     """What a part printed before its timeout is kept; the timeout is a FAIL row; its process group is gone."""
-    code = "import time; print('ROW ' + '{\"name\": \"a\", \"status\": \"pass\", \"value\": \"1\"}', flush=True); time.sleep(60)"
+    row = json.dumps(dict(name="a", status="pass", value="1"))
+    code = f"import time; print('ROW ' + {row!r}, flush=True); time.sleep(60)"
     out = tempfile.TemporaryFile("w+")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
-    rows = gpucheck.finish_part(dict(part="x", proc=p, out=out, t0=time.time(), deadline=time.time() + 5), io.StringIO())
+    job = dict(part="x", proc=p, out=out, t0=time.time(), deadline=time.time() + 5)
+    rows = gpucheck.finish_part(job, io.StringIO())
     assert [r["name"] for r in rows] == ["a", "process"] and rows[0]["status"] == "pass"
     assert rows[1]["status"] == "FAIL" and rows[1]["value"].startswith("timed out"), rows
     assert p.poll() is not None
