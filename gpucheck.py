@@ -363,6 +363,11 @@ def part_update(a):
         peak, pred = torch.cuda.max_memory_allocated(), sum(upd.values())
         emit("update peak memory vs plan.py", "info", f"{peak / 2**30:.1f} GiB measured, plan {pred / 2**30:.1f} GiB "
              f"(weights, AdamW, grads, autocast copies, activations, logits) = {peak / pred:.2f}x")
+    if cuda and not a.tiny:  # the 7B shape, memory only: what plan.py says the same update needs on one GPU
+        _, upd7 = plan_lines(model_config("qwen2.5-math-7b"), prompts_per_update=P, k=k, token_budget=16384)
+        total = torch.cuda.mem_get_info()[1]
+        emit("update at Qwen2.5-Math-7B's shape, plan.py only", "info", upd7 and f"{sum(upd7.values()) / 2**30:.0f} "
+             f"GiB on one GPU ({total / 2**30:.0f} GiB here): FSDP over several GPUs, or a bigger one")
 
 
 def paper_lengths(R, W):
