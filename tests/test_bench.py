@@ -146,3 +146,59 @@ def test_bench_gpu_refused_on_cpu():
     p = subprocess.run([sys.executable, "bench.py", "--gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "error: --gpu is the GPU bring-up and needs a CUDA device; torch.cuda.is_available() is False here"]
+
+
+def test_rows_survive_failing_peers(tmp_path, capsys):
+    """A peer that raises, exits, crashes in its subprocess, cannot import or times out costs only its row: every row
+    is printed and in the JSON as soon as it is measured, failed ones with one line why."""
+    out = bench.Rows(str(tmp_path / "b.json"), versions=bench.versions())
+    py = lambda code: [sys.executable, "-c", code]
+    good = lambda: dict(x=1.0)
+
+    def exits():
+        sys.exit("bad")
+    peers = [("good", good), ("raises", lambda: 1 / 0), ("exits", exits),
+             ("crashes", lambda: bench.run_peer(py("import sys; print('x', file=sys.stderr); sys.exit(3)"), 60, "p")),
+             ("no module", lambda: bench.run_peer(py("import no_such_module_xyz"), 60, "p")),
+             ("hangs", lambda: bench.run_peer(py("import time; time.sleep(60)"), 1, "p")), ("good2", good)]
+    for name, fn in peers:
+        out.run("t", name, fn, lambda r: f"  {name} {r['x']}")
+        assert len(json.load(open(tmp_path / "b.json"))["rows"]) == peers.index((name, fn)) + 1  # written at once
+    doc = json.load(open(tmp_path / "b.json"))
+    assert doc["versions"]["torch"] == torch.__version__ and "transformers" in doc["versions"] and "trl" in doc["versions"]
+    err = {r["name"]: r.get("error") for r in doc["rows"]}
+    assert err == {"good": None, "raises": "ZeroDivisionError: division by zero", "exits": "exit bad",
+                   "crashes": "p exited 3: x", "no module": "p exited 1: ModuleNotFoundError: No module named "
+                   "'no_such_module_xyz'", "hangs": "p timed out after 1 s", "good2": None}
+    assert doc["rows"][-1]["x"] == 1.0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(peers) and lines[0] == "  good 1.0" and lines[-1] == "  good2 1.0"
+    assert all("failed: " in ln and "\n" not in ln for ln in lines[1:-1])
+
+
+def test_main_survives_failing_peers(tiny_dir, tmp_path, monkeypatch, capsys):
+    """bench.main with fake peers (a tiny model; ours' RL step fine, no-skip exits, TRL's worker crashes; bf16 sampler
+    raises): every other row, the accounting table and the summary table still come out, and the JSON has them all."""
+    from model import from_pretrained as load
+    monkeypatch.setattr(bench, "from_pretrained", lambda device=None: load(tiny_dir("qwen2")))
+    monkeypatch.setattr(bench, "matmul_peak", lambda dt: 1e11 if dt == torch.float32 else 2e11)  # "fast bf16"
+    monkeypatch.setattr(bench, "bench_sampler", lambda m, h, tok, ps, n, reps, mode: (
+        (10.0, 5.0) if next(m.parameters()).dtype == torch.float32 else 1 / 0))
+    ours = dict(gen=1.0, update=2.0, tokens=100.0, seq=50.0, zero_var=0.5, mem=1e9)
+    monkeypatch.setattr(bench, "run_ours", lambda work, steps, pl, head, threads, extra, timeout: dict(ours) if
+                        "--kl_coef=1e-9" not in extra else sys.exit(1))
+    monkeypatch.setattr(bench, "run_trl", lambda *a: bench.run_peer(
+        [sys.executable, "-c", "raise ValueError('TRL refuses')"], 60, "TRL worker"))
+    path = tmp_path / "b.json"
+    bench.main(["--quick", f"--json={path}"])
+    printed = capsys.readouterr().out
+    rows = {r["name"]: r for r in json.load(open(path))["rows"]}
+    assert rows["ours fp32"]["gen"] == 1.0 and rows["ours bf16"]["update"] == 2.0 and rows["fp32"]["ours"] == 10.0
+    assert rows["ours no-skip* fp32"]["error"] == "exit 1" and rows["bf16"]["error"].startswith("ZeroDivisionError")
+    trl = [r for n, r in rows.items() if n.startswith("TRL")]
+    assert len(trl) == 2 and all(r["error"] == "TRL worker exited 1: ValueError: TRL refuses" for r in trl)
+    assert rows["256 rows, blocks"]["ratio"] <= 1.3 and "mismatch_max" in rows["bf16 vs fp32"]
+    has_stats = "stats" in __import__("inspect").signature(bench.generate).parameters
+    assert ("error" not in rows["CPU run"]) if has_stats else rows["CPU run"]["error"].startswith("n/a (sampler without")
+    assert "| RL step, 8 prompts x 8 x <= 48 tokens, fp32 (gen + update) | 3.00 s (1.00 + 2.00)" in printed
+    assert "failed: TRL worker exited 1: ValueError: TRL refuses" in printed and "Traceback" not in printed
