@@ -129,7 +129,8 @@ class Rows:
             why = (f"exit {e.code}" if isinstance(e, SystemExit) else str(e) if type(e) is RuntimeError  # ours
                    else f"{type(e).__name__}: {e}")
             why = why.strip().splitlines()[0][:300] if why.strip() else type(e).__name__
-            self.add(table, name, f"  {name:14s} failed: {why}", error=why, log=getattr(e, "tail", None))
+            state = "" if why.startswith("n/a") else "failed: "  # n/a: nothing to measure here, not a failure
+            self.add(table, name, f"  {name:14s} {state}{why}", error=why, log=getattr(e, "tail", None))
             return None
         self.add(table, name, fmt(r), **r)
         return r
@@ -238,13 +239,27 @@ def run_ours(work, steps, prompt_len, head, threads, extra=(), timeout=None):
                 mem=float(re.search(r"PEAKMEM (\d+)", out).group(1)))
 
 
+def trl_config(out, P, K, new, bf16, stops, steps):
+    """TRL's GRPOConfig for the bench's work, set to match ours where TRL's defaults differ."""
+    from trl import GRPOConfig
+    return GRPOConfig(output_dir=out, num_generations=K, per_device_train_batch_size=P * K,
+                      gradient_accumulation_steps=1, max_completion_length=new, temperature=1.0, top_k=0,
+                      top_p=1.0, beta=0.0, learning_rate=1e-6, lr_scheduler_type="constant", num_iterations=1,
+                      loss_type="grpo", epsilon=0.2, epsilon_high=0.28, use_vllm=False, logging_steps=1,
+                      report_to=[], bf16=bf16, max_steps=steps + 1, save_strategy="no", seed=0,
+                      gradient_checkpointing=False,  # TRL's default is True; ours (grad_ckpt) is off
+                      tf32=True if device.type == "cuda" else None,  # as train.py
+                      use_cpu=device.type == "cpu",  # transformers >= 5.25 refuses bf16 on a CPU without it
+                      generation_kwargs=dict(eos_token_id=stops))
+
+
 def trl_worker(hf_dir, steps, threads, P, K, new, bf16):
     """GRPOTrainer on the same work; prints one RESULT json line."""
     if threads:
         torch.set_num_threads(threads)
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
     tok = AutoTokenizer.from_pretrained(hf_dir)
     stops = stop_token_ids(tok)
     probs = load_problems("synthetic:1", "train")[:P * (steps + 1)]
@@ -255,15 +270,7 @@ def trl_worker(hf_dir, steps, threads, P, K, new, bf16):
                 for c, a, ids in zip(completions, answer, completion_ids)]
 
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(output_dir=out, num_generations=K, per_device_train_batch_size=P * K,
-                          gradient_accumulation_steps=1, max_completion_length=new, temperature=1.0, top_k=0,
-                          top_p=1.0, beta=0.0, learning_rate=1e-6, lr_scheduler_type="constant", num_iterations=1,
-                          loss_type="grpo", epsilon=0.2, epsilon_high=0.28, use_vllm=False, logging_steps=1,
-                          report_to=[], bf16=bf16, max_steps=steps + 1, save_strategy="no", seed=0,
-                          gradient_checkpointing=False,  # TRL's default is True; ours (grad_ckpt) is off
-                          tf32=True if device.type == "cuda" else None,  # as train.py
-                          use_cpu=device.type == "cpu",  # transformers >= 5.25 refuses bf16 on a CPU without it
-                          generation_kwargs=dict(eos_token_id=stops))
+        args = trl_config(out, P, K, new, bf16, stops, steps)
         trainer = GRPOTrainer(model=hf_dir, reward_funcs=reward, args=args, train_dataset=ds)
         gen, step, toks = [], [], []
         orig = trainer._generate_and_score_completions
@@ -558,7 +565,7 @@ def main(argv):
     for name, dt, r in rl:
         if name == "ours":
             t = trl.get(dt)
-            peer = f"TRL {step(t)}, MFU {t['mfu']:.1%}, {t['mem'] / 2**30:.1f} GB" if t else "no TRL row"
+            peer = f"TRL {step(t)}, MFU {t['mfu']:.1%}, {t['mem'] / 2**30:.1f} GB" if t else "no TRL row (see above)"
             ratio = f"{(t['gen'] + t['update']) / (r['gen'] + r['update']):.2f}x" if t and r else ""
             mine = f"{step(r)}, MFU {r['mfu']:.1%}, {r['mem'] / 2**30:.1f} GB" if r else "failed"
             print(f"| RL step, {work[0]} prompts x {work[1]} x <= {work[2]} tokens, {dt} (gen + update) | {mine} | "

@@ -202,3 +202,11 @@ def test_main_survives_failing_peers(tiny_dir, tmp_path, monkeypatch, capsys):
     assert ("error" not in rows["CPU run"]) if has_stats else rows["CPU run"]["error"].startswith("n/a (sampler without")
     assert "| RL step, 8 prompts x 8 x <= 48 tokens, fp32 (gen + update) | 3.00 s (1.00 + 2.00)" in printed
     assert "failed: TRL worker exited 1: ValueError: TRL refuses" in printed and "Traceback" not in printed
+
+
+def test_trl_config_bf16(tmp_path):
+    """TRL's bf16 GRPOConfig is accepted on this device (transformers >= 5.25 refuses bf16 on a CPU without use_cpu,
+    which killed the whole bench run). Skips without TRL, a benchmark-only dependency."""
+    pytest.importorskip("trl")
+    args = bench.trl_config(str(tmp_path), 8, 8, 48, True, [2], 3)
+    assert args.bf16 and args.num_generations == 8 and args.max_steps == 4
