@@ -112,6 +112,11 @@ def tokens_per_s(bytes_per_token, gpu):
     return GPUS[gpu][2] * 1e9 / bytes_per_token
 
 
+def mbu(bytes_moved, seconds, gpu):
+    """Model bandwidth utilisation: achieved bytes/s (bytes_moved: decode_moved's total) over the GPU's HBM peak."""
+    return bytes_moved / seconds / (GPUS[gpu][2] * 1e9)
+
+
 def live_cols(prompt_lens, lens):
     """Mean live key columns per generated token: row r's t-th token attends to its prompt + t earlier tokens."""
     cols = sum(p * c + c * (c - 1) / 2 for p, c in zip(prompt_lens, lens))
