@@ -159,7 +159,8 @@ def versions():
         trl_v = trl.__version__
     except ImportError:
         trl_v = None
-    return dict(python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__, trl=trl_v)
+    return dict(python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
+                trl=trl_v)
 
 # -----------------------------------------------------------------------------
 # 1. sampler: ours vs transformers' generate
@@ -373,7 +374,8 @@ def accounting_rows(rows_list=(256, 1024), queue=2048, prompt=250, max_new=3072)
         for name, width in (("blocks", "row"), ("static", S)):
             st = simulate(lens, prompt, R, width)
             mv = decode_moved(m, st)
-            row[name] = dict(stats=st, token=mv["per_token"], util=mv["util"], ratio=mv["per_token"] / row["roofline_token"])
+            row[name] = dict(stats=st, token=mv["per_token"], util=mv["util"],
+                             ratio=mv["per_token"] / row["roofline_token"])
         out.append(row)
     return out, S
 
@@ -414,8 +416,8 @@ def main(argv):
     flags = ("--quick", "--skip-trl", "--gpu")
     bad = [a for a in argv if a not in flags and not a.startswith(("--steps=", "--threads=", "--json="))]
     if bad:  # a typo must not silently start a 12-minute run with the defaults
-        print(f"error: unknown argument {bad[0]!r}; use --quick, --skip-trl, --gpu, --steps=N, --threads=N, --json=PATH",
-              file=sys.stderr)
+        print(f"error: unknown argument {bad[0]!r}; use --quick, --skip-trl, --gpu, --steps=N, --threads=N, "
+              f"--json=PATH", file=sys.stderr)
         sys.exit(2)
     quick, skip_trl, gpu = (f in argv for f in flags)
     if gpu and (device.type != "cuda" or quick):
@@ -482,8 +484,8 @@ def main(argv):
 
     # mismatch first, while the weights are still exactly fp32 (the sampler rows cast them to bf16 and back)
     mis_p, mis_new = (prompts, new) if fast_bf16 else (prompts[:2], 8)
-    print(f"\nmismatch, sampler with bf16 weights vs the trainer's fp32 forward, same rollouts ({len(mis_p)} prompts x 2 "
-          f"x {mis_new} tokens{'' if fast_bf16 else ': a small batch, bf16 is slow here'}):")
+    print(f"\nmismatch, sampler with bf16 weights vs the trainer's fp32 forward, same rollouts ({len(mis_p)} prompts "
+          f"x 2 x {mis_new} tokens{'' if fast_bf16 else ': a small batch, bf16 is slow here'}):")
     mis = out.run("mismatch", "bf16 vs fp32", lambda: mismatch(model, mis_p, mis_new, stops),
                   lambda m: f"  mean abs d logp {m['mismatch_mean']:.2e}, max {m['mismatch_max']:.2e}, k3 KL "
                             f"{m['mismatch_k3']:.2e}")
@@ -497,8 +499,8 @@ def main(argv):
     if fast_bf16:
         sampler.append(("bf16", lambda: (model.bfloat16(), hf.bfloat16(), prompts, new, reps, nullcontext)))
     else:  # real bf16 on a small batch only, and the emulation (rollout.Bf16Emulation) at full size
-        print("  (bf16 matmul is slower than fp32 here: no bf16 RL-step row; bf16 sampling on 2 prompts x 8 tokens, and "
-              "emulated, bf16 rounding at fp32 speed, at full size)")
+        print("  (bf16 matmul is slower than fp32 here: no bf16 RL-step row; bf16 sampling on 2 prompts x 8 tokens, "
+              "and emulated, bf16 rounding at fp32 speed, at full size)")
         sampler += [("bf16 emul", lambda: (model, hf, prompts, new, reps, Bf16Emulation)),
                     ("fp32 2x8", lambda: (model, hf, prompts[:2], 8, 1, nullcontext)),
                     ("bf16 2x8", lambda: (model.bfloat16(), hf.bfloat16(), prompts[:2], 8, 1, nullcontext))]
@@ -513,8 +515,9 @@ def main(argv):
     del model, hf
 
     dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bf16 else [])
-    print(f"\nRL step: {work[0]} prompts x k={work[1]}, <= {work[2]} new tokens, T=1, beta 0, 1 update; mean of {steps} "
-          f"step(s) after 1 warm-up{'; --skip-trl: no TRL row' if skip_trl else ''}\n  {'trainer':14s} {'dtype':5s} "
+    print(f"\nRL step: {work[0]} prompts x k={work[1]}, <= {work[2]} new tokens, T=1, beta 0, 1 update; mean of "
+          f"{steps} step(s) after 1 warm-up{'; --skip-trl: no TRL row' if skip_trl else ''}\n  {'trainer':14s} "
+          f"{'dtype':5s} "
           f"{'gen s':>6s} {'update s':>8s} {'step s':>7s} {'trained tok':>11s} {'upd GFLOP/s':>11s} {'MFU':>6s} "
           f"{'peak mem':>9s}")
 
@@ -530,8 +533,8 @@ def main(argv):
         extra = [] if dt == "fp32" else ["--dtype=bfloat16"]
         jobs.append(("ours", dt, lambda extra=extra: run_ours(work, steps, prompt_len, head, threads, extra, timeout)))
         if not gpu and dt == "fp32":
-            jobs.append(("ours no-skip*", dt, lambda: run_ours(work, steps, prompt_len, head, threads, ["--kl_coef=1e-9"],
-                                                               timeout)))
+            no_skip = lambda: run_ours(work, steps, prompt_len, head, threads, ["--kl_coef=1e-9"], timeout)
+            jobs.append(("ours no-skip*", dt, no_skip))
         if not skip_trl:
             jobs.append((f"TRL {ver['trl'] or ''}".strip(), dt,
                          lambda dt=dt: run_trl(hf_dir, steps, threads, work, dt == "bf16", timeout)))
@@ -560,8 +563,8 @@ def main(argv):
         print(f"| sampler, {work_txt}, T=1, {name.split()[0]}{' emulated' if 'emul' in name else ''} | {r['ours']:.1f} "
               f"tok/s | `generate` {r['hf']:.1f} tok/s | {r['ours'] / r['hf']:.2f}x |")
     if mis:
-        print(f"| sampler bf16 vs trainer fp32 log-probs, same rollouts ({len(mis_p)} x 2 x {mis_new}) | mean abs d logp "
-              f"{mis['mismatch_mean']:.2e}, max {mis['mismatch_max']:.2e} | | |")
+        print(f"| sampler bf16 vs trainer fp32 log-probs, same rollouts ({len(mis_p)} x 2 x {mis_new}) | mean abs d "
+              f"logp {mis['mismatch_mean']:.2e}, max {mis['mismatch_max']:.2e} | | |")
     for name, dt, r in rl:
         if name == "ours":
             t = trl.get(dt)

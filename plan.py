@@ -203,8 +203,8 @@ def plan(cfg):
 
 
 LABELS = dict(weights="weights, fp32 (train.py keeps fp32 master weights)", adamw="AdamW m and v, fp32",
-              grads="gradients, fp32", ref="frozen reference model, fp32", copy="the sampler's bf16 copy of the weights",
-              casts="autocast's bf16 weight copies (update forward)",
+              grads="gradients, fp32", ref="frozen reference model, fp32",
+              copy="the sampler's bf16 copy of the weights", casts="autocast's bf16 weight copies (update forward)",
               gather="FSDP: full weights gathered for the sampler", kv="sampler KV cache (+ compaction's copy)",
               sampler="sampler logits / probs (4 x R x V fp32)", pool="CUDA-graph pool (estimate)",
               acts="activations kept for backward",
@@ -241,7 +241,8 @@ def report(p, cfg):
                f"{cfg.num_steps} steps: {run}")
     b = p["step_bytes"]
     out.append(f"decode step at {p['slots']} rows: {b['total'] / 1e9:.2f} GB moved (weights {b['weights'] / 1e9:.2f}, "
-               f"KV read {b['kv_read'] / 1e9:.2f}, KV written {b['kv_write'] / 1e9:.3f}, logits {b['logits'] / 1e9:.2f}); "
+               f"KV read {b['kv_read'] / 1e9:.2f}, KV written {b['kv_write'] / 1e9:.3f}, logits "
+               f"{b['logits'] / 1e9:.2f}); "
                f"{p['steps']:.0f} steps a rollout phase")
     out.append(f"assumptions: prompts of {PROMPT_TOKENS} tokens, completions of {MEAN_NEW:.0%} of max_new_tokens on "
                f"average, every group trained (no zero-variance drop), decode with a full batch (finished rows "

@@ -165,7 +165,7 @@ def test_rows_survive_failing_peers(tmp_path, capsys):
         out.run("t", name, fn, lambda r: f"  {name} {r['x']}")
         assert len(json.load(open(tmp_path / "b.json"))["rows"]) == peers.index((name, fn)) + 1  # written at once
     doc = json.load(open(tmp_path / "b.json"))
-    assert doc["versions"]["torch"] == torch.__version__ and "transformers" in doc["versions"] and "trl" in doc["versions"]
+    assert doc["versions"]["torch"] == torch.__version__ and {"transformers", "trl"} <= set(doc["versions"])
     err = {r["name"]: r.get("error") for r in doc["rows"]}
     assert err == {"good": None, "raises": "ZeroDivisionError: division by zero", "exits": "exit bad",
                    "crashes": "p exited 3: x", "no module": "p exited 1: ModuleNotFoundError: No module named "
@@ -199,7 +199,8 @@ def test_main_survives_failing_peers(tiny_dir, tmp_path, monkeypatch, capsys):
     assert len(trl) == 2 and all(r["error"] == "TRL worker exited 1: ValueError: TRL refuses" for r in trl)
     assert rows["256 rows, blocks"]["ratio"] <= 1.3 and "mismatch_max" in rows["bf16 vs fp32"]
     has_stats = "stats" in __import__("inspect").signature(bench.generate).parameters
-    assert ("error" not in rows["CPU run"]) if has_stats else rows["CPU run"]["error"].startswith("n/a (sampler without")
+    cpu_run = rows["CPU run"]
+    assert ("error" not in cpu_run) if has_stats else cpu_run["error"].startswith("n/a (sampler without stats)")
     assert "| RL step, 8 prompts x 8 x <= 48 tokens, fp32 (gen + update) | 3.00 s (1.00 + 2.00)" in printed
     assert "failed: TRL worker exited 1: ValueError: TRL refuses" in printed and "Traceback" not in printed
 
