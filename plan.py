@@ -56,6 +56,75 @@ def model_config(name):
                      f"plan.py's ARCHS ({', '.join(ARCHS)}); download its config.json once or add it to ARCHS")
 
 
+# -----------------------------------------------------------------------------
+# byte accounting of one decode step (bench.py's accounting table and the GPU check use these; decode is memory-bound,
+# so bytes moved per generated token set its speed)
+
+def shape(m):
+    """A ModelConfig, or an HF config.json dict -> ModelConfig."""
+    return config_from_hf(m, where="plan.shape") if isinstance(m, dict) else m
+
+
+def kv_col_bytes(m, kv_bytes=2):
+    """Bytes of one token column of the KV cache: K and V, every layer."""
+    m = shape(m)
+    return 2 * m.n_layers * m.n_kv_heads * m.head_dim * kv_bytes
+
+
+def weights_read(m, w_bytes=2):
+    """Bytes of weights one decode step reads: every matrix once. An untied input embedding is a gather of B rows
+    (not counted); a tied one is read whole as the lm_head."""
+    m = shape(m)
+    with torch.device("meta"):
+        n = Transformer(m).num_params()  # tied embeddings counted once
+    return (n - (0 if m.tie_embeddings else m.vocab_size * m.dim)) * w_bytes
+
+
+def decode_roofline(m, rows, cols, w_bytes=2, kv_bytes=2, logit_bytes=4):
+    """Bytes one decode step of `rows` rows must move, each row reading `cols` live key columns (or their mean):
+    the weights once, the live cache read, one new K/V column written per row, the logits (rows, V) written in
+    logit_bytes (4: the sampler samples from fp32 logits). Nothing else: no padding rows, no unwritten columns."""
+    m = shape(m)
+    kv = kv_col_bytes(m, kv_bytes)
+    out = dict(weights=weights_read(m, w_bytes), kv_read=rows * cols * kv, kv_write=rows * kv,
+               logits=rows * m.vocab_size * logit_bytes)
+    out["total"] = sum(out.values())
+    return out
+
+
+def decode_moved(m, stats, w_bytes=2, kv_bytes=2, logit_bytes=4):
+    """What a sampler run moved, from generate(..., stats=dict)'s counters (whatever sampler filled them): steps
+    (decode forwards), row_steps (sum of rows over them), key_cols (sum of rows x key columns attention read),
+    tokens (generated). Bytes = steps x weights + key_cols x KV column + row_steps x (new K/V + logits): padding rows
+    and unread-but-computed columns cost what live ones do. Also per_token and util = tokens / row_steps."""
+    m = shape(m)
+    kv = kv_col_bytes(m, kv_bytes)
+    out = dict(weights=stats["steps"] * weights_read(m, w_bytes), kv_read=stats["key_cols"] * kv,
+               kv_write=stats["row_steps"] * kv, logits=stats["row_steps"] * m.vocab_size * logit_bytes)
+    out["total"] = sum(out.values())
+    out["per_token"] = out["total"] / max(stats["tokens"], 1)
+    out["util"] = stats["tokens"] / max(stats["row_steps"], 1)
+    return out
+
+
+def tokens_per_s(bytes_per_token, gpu):
+    """Tokens/s when every byte moves at the GPU's HBM bandwidth (GPUS): the roofline, never reached."""
+    return GPUS[gpu][2] * 1e9 / bytes_per_token
+
+
+def mbu(bytes_moved, seconds, gpu):
+    """Model bandwidth utilisation: achieved bytes/s (bytes_moved: decode_moved's total) over the GPU's HBM peak."""
+    return bytes_moved / seconds / (GPUS[gpu][2] * 1e9)
+
+
+def live_cols(prompt_lens, lens):
+    """Mean live key columns per generated token: row r's t-th token attends to its prompt + t earlier tokens."""
+    cols = sum(p * c + c * (c - 1) / 2 for p, c in zip(prompt_lens, lens))
+    return cols / max(sum(lens), 1)
+
+# -----------------------------------------------------------------------------
+
+
 def plan(cfg):
     """cfg: train.py's Config. -> dict: the architecture, per-GPU memory lines (bytes) at the rollout and the update
     phase, and the step-time estimate (seconds). Pure arithmetic: nothing is allocated."""
@@ -72,14 +141,21 @@ def plan(cfg):
     a = 2 if bf16 else 4  # bytes of a matmul input/output: autocast bf16, else fp32
     shard = world if cfg.fsdp else 1  # --fsdp: weights, grads and AdamW state sharded over ranks
 
-    # rollout: rows of one generation batch on this GPU, each with a KV cache of prompt + max_new_tokens columns
+    # rollout, as the sampler is designed (issue 22): sampling in bf16 (--sample_dtype, else --dtype) runs on a bf16
+    # copy of the weights (refreshed after each optimizer step, kept through the update; FSDP: the gathered params are
+    # bf16) with a bf16 KV cache; the cache is written in place (no copy per step); R slots of prompt + max_new_tokens
+    # columns that fit --sample_mem_gib, refilled from the queue as rows finish (continuous batching)
     P = cfg.prompts_per_step // world  # prompts per GPU
     rows, S = P * cfg.k, PROMPT_TOKENS + cfg.max_new_tokens
-    kv_tok = 2 * L * Dkv * 4  # K and V per token, in the weights' dtype: fp32 (autocast never casts the cache)
-    # --sample_mem_gib: generate runs chunks of whole prompts whose cache fits the budget (at least one prompt each)
-    per = max(1, int(cfg.sample_mem_gib * GiB // (cfg.k * S * kv_tok))) if cfg.sample_mem_gib else P
-    chunks, crows = -(-P // per), min(P, per) * cfg.k  # chunks run one after another, crows rows each
-    shrink = 1.0 if cfg.compile else 1.75  # eager decode copies the cache when it drops finished rows (>= 75% alive)
+    s_bf16 = (getattr(cfg, "sample_dtype", "") or cfg.dtype) == "bfloat16"  # bfloat16_emul: fp32 weights and cache
+    sb = 2 if s_bf16 else 4  # bytes of a sampling weight / cache element
+    kv_tok = kv_col_bytes(m, sb)
+    slots = min(rows, max(1, int(cfg.sample_mem_gib * GiB // (S * kv_tok)))) if cfg.sample_mem_gib else rows
+    if cfg.compile:  # compiled decode: power-of-two slot counts (one graph each)
+        slots = 1 << (slots.bit_length() - 1)
+    # when the queue is empty live rows are compacted into a smaller cache (a gather, not in place): for a moment both
+    # exist, the new one at most half (compiled: power-of-two buckets) or 3/4 (eager) of the old
+    shrink = 1.5 if cfg.compile else 1.75
     # what one block keeps for backward, bytes per token (measured with saved_tensors_hooks, tests/test_bench.py):
     # fp32: both RMSNorms' input and normalised x (4 D), their rsqrt (2) and SDPA's logsumexp (H); the matmul inputs
     # (bf16: 5 casts, q/k/v/gate/up; fp32: the 2 norm outputs); q, k, v, SDPA's output (2 Dq + 2 Dkv) and SwiGLU's
@@ -90,22 +166,29 @@ def plan(cfg):
     acts = micro * (L * 4 * D + act_tok) if cfg.grad_ckpt else micro * L * act_tok  # ckpt: block inputs + one block
     ref = cfg.kl_coef > 0 or cfg.algo != "grpo"  # a frozen fp32 reference model
     both = dict(weights=4 * N / shard, adamw=8 * N / shard, ref=4 * N if ref else 0,
-                casts=2 * N if bf16 else 0)  # autocast's bf16 copy of every weight, cached for the forward
-    roll = dict(both, gather=4 * N if shard > 1 else 0,  # FSDP: the sampler runs on gathered full weights
-                kv=crows * S * kv_tok * shrink, sampler=4 * crows * V * 4)  # logits, log-softmax, probs, cdf (rows, V)
-    upd = dict(both, grads=4 * N / shard, acts=acts,
-               logits=micro * V * 4)  # every chunk's fp32 log-softmax is kept for backward
+                copy=2 * N if s_bf16 and shard == 1 else 0)  # the sampler's bf16 weights, kept between rollouts
+    roll = dict(both, gather=sb * N if shard > 1 else 0,  # FSDP: the sampler runs on gathered full weights
+                kv=slots * S * kv_tok * shrink, sampler=4 * slots * V * 4,  # logits, log-softmax, probs, cdf (R, V)
+                # CUDA graphs (compiled decode): the pool holds one step's buffers of the largest graph, mostly
+                # the sampler's (R, V) tensors again; an estimate, not measured
+                pool=4 * slots * V * 4 if cfg.compile else 0)
+    upd = dict(both, grads=4 * N / shard, acts=acts, logits=micro * V * 4,  # each chunk's fp32 log-softmax
+               casts=2 * N if bf16 else 0)  # autocast's bf16 copy of every weight, cached for the forward
     peak = max(sum(roll.values()), sum(upd.values()))
 
-    # time per step: decode max_new_tokens steps (a batch runs until its longest row stops), each step bound by HBM
-    # (weights once + every row's cache) or by FLOPs; prefill each prompt once; update 6 N FLOPs per trained token
-    # (8 N with activation checkpointing's second forward) + causal attention; all at the efficiencies above
+    # time per step: decode bound by HBM (decode_roofline: weights once + live cache + logits) or FLOPs per step, over
+    # the generated tokens / R steps with a full batch, plus max_new_tokens steps for the drain (counted as full);
+    # prefill each prompt once; update 6 N FLOPs per trained token (8 N with activation checkpointing's second
+    # forward) + causal attention; all at the efficiencies above. Attention is fused (no O(T^2) scores, no K/V
+    # repeated to every head): the math-kernel fallback is not counted
     peak_fs = tflops * 1e12 / (1 if bf16 else 2)  # fp32 runs as TF32: half the bf16 rate
-    ctx = S if cfg.compile else PROMPT_TOKENS + cfg.max_new_tokens / 2  # compiled decode attends over all S columns
-    step_bytes = N * a + crows * ctx * kv_tok * (2 if bf16 else 1)  # bf16: the fp32 cache is read and cast each step
-    step_flops = crows * (2 * N + 4 * L * Dq * ctx)
+    gen_tokens = rows * MEAN_NEW * cfg.max_new_tokens
+    ctx = PROMPT_TOKENS + MEAN_NEW * cfg.max_new_tokens / 2  # live key columns per token, on average
+    step = decode_roofline(m, slots, ctx, w_bytes=sb, kv_bytes=sb)
+    step_flops = slots * (2 * N + 4 * L * Dq * ctx)
     launch = 0 if cfg.compile else LAUNCH_S * L
-    decode = chunks * cfg.max_new_tokens * (max(step_bytes / (hbm * 1e9), step_flops / peak_fs) / DECODE_EFF + launch)
+    steps = gen_tokens / slots + cfg.max_new_tokens
+    decode = steps * (max(step["total"] / (hbm * 1e9), step_flops / peak_fs) / DECODE_EFF + launch)
     prefill = 2 * N * P * PROMPT_TOKENS / (MFU * peak_fs)
     tokens = P * (PROMPT_TOKENS + cfg.k * MEAN_NEW * cfg.max_new_tokens)  # prompts once per group (the scorer)
     per_tok = (8 if cfg.grad_ckpt else 6) * N + 6 * L * Dq * (PROMPT_TOKENS + MEAN_NEW * cfg.max_new_tokens) + (
@@ -114,18 +197,20 @@ def plan(cfg):
     n_updates = cfg.prompts_per_step // cfg.prompts_per_update
     comm = n_updates * 2 * (world - 1) / world * 4 * N / (link * 1e9)  # ring all-reduce of fp32 grads per update
     return dict(gpu=gpu, world=world, mem=mem, m=m, N=N, bf16=bf16, shard=shard, P=P, rows=rows, S=S, micro=micro,
-                chunks=chunks,
+                slots=slots, steps=steps, step_bytes=step, kv_bytes=sb,
                 roll=roll, upd=upd, peak=peak, fits=peak <= USABLE * mem * GiB, gen=decode + prefill, decode=decode,
                 prefill=prefill, update=update, comm=comm, step=decode + prefill + update + comm)
 
 
 LABELS = dict(weights="weights, fp32 (train.py keeps fp32 master weights)", adamw="AdamW m and v, fp32",
-              grads="gradients, fp32", ref="frozen reference model, fp32", casts="autocast's bf16 weight copies",
-              gather="FSDP: full weights gathered for the sampler", kv="sampler KV cache",
-              sampler="sampler logits / probs (4 x rows x V fp32)", acts="activations kept for backward",
+              grads="gradients, fp32", ref="frozen reference model, fp32",
+              copy="the sampler's bf16 copy of the weights", casts="autocast's bf16 weight copies (update forward)",
+              gather="FSDP: full weights gathered for the sampler", kv="sampler KV cache (+ compaction's copy)",
+              sampler="sampler logits / probs (4 x R x V fp32)", pool="CUDA-graph pool (estimate)",
+              acts="activations kept for backward",
               logits="log-softmax kept for backward (tokens x V fp32)")
 
-HINTS = dict(kv="--sample_mem_gib (generate in chunks), fewer rollouts per GPU (prompts_per_step, k, more --gpus) "
+HINTS = dict(kv="--sample_mem_gib (fewer decode slots), fewer rollouts per GPU (prompts_per_step, k, more --gpus) "
                 "or a smaller max_new_tokens",
              sampler="fewer rollouts per GPU (prompts_per_step, k, more --gpus)",
              acts="--grad_ckpt=True or a smaller --token_budget", logits="a smaller --token_budget")
@@ -139,7 +224,8 @@ def report(p, cfg):
            f"{p['gpu']} ({p['mem']} GiB each); {cfg.dtype}, grad_ckpt {cfg.grad_ckpt}, compile {cfg.compile}, "
            f"{'FSDP' if p['shard'] > 1 else 'replicated weights (DDP)'}",
            f"per GPU: {p['P']} prompts x k={cfg.k} = {p['rows']} rollouts of <= {PROMPT_TOKENS} + {cfg.max_new_tokens}"
-           f" tokens, generated in {p['chunks']} chunk(s); micro-batches of <= {p['micro']} tokens",
+           f" tokens, decoded {p['slots']} at a time ({'bf16' if p['kv_bytes'] == 2 else 'fp32'} weights and KV "
+           f"cache); micro-batches of <= {p['micro']} tokens",
            f"  {'memory per GPU, GiB':58s} {'rollout':>8s} {'update':>8s}"]
     for key, label in LABELS.items():
         r, u = p["roll"].get(key), p["upd"].get(key)
@@ -153,10 +239,20 @@ def report(p, cfg):
     out.append(f"step time, estimated: {p['step']:.1f} s = generation {p['gen']:.1f} (decode {p['decode']:.1f}, "
                f"prefill {p['prefill']:.1f}) + update {p['update']:.1f} + gradient all-reduce {p['comm']:.1f}; "
                f"{cfg.num_steps} steps: {run}")
+    b = p["step_bytes"]
+    out.append(f"decode step at {p['slots']} rows: {b['total'] / 1e9:.2f} GB moved (weights {b['weights'] / 1e9:.2f}, "
+               f"KV read {b['kv_read'] / 1e9:.2f}, KV written {b['kv_write'] / 1e9:.3f}, logits "
+               f"{b['logits'] / 1e9:.2f}); "
+               f"{p['steps']:.0f} steps a rollout phase")
     out.append(f"assumptions: prompts of {PROMPT_TOKENS} tokens, completions of {MEAN_NEW:.0%} of max_new_tokens on "
-               f"average in the update, every group trained (no zero-variance drop), decode runs max_new_tokens steps "
-               f"at {DECODE_EFF:.0%} of the roofline, update and prefill at {MFU:.0%} MFU, rewards and eval not "
-               f"counted; estimates from plan.py's formulas, not measured on a GPU")
+               f"average, every group trained (no zero-variance drop), decode with a full batch (finished rows "
+               f"refilled) + max_new_tokens steps to drain, at {DECODE_EFF:.0%} of the roofline, update and prefill at "
+               f"{MFU:.0%} MFU, rewards and eval not counted; the sampler as issue 22 designs it: bf16 weight copy "
+               f"and bf16 cache when sampling in bf16, cache written in place (no per-step copy), fused attention "
+               f"(no O(T^2) fp32 scores, no math-kernel fallback)")
+    out.append("not counted: the CUDA context and cuBLAS/NCCL workspaces (inside the 10% margin), the prefill's "
+               "transient activations, the allocator's fragmentation beyond the margin; the CUDA-graph pool is an "
+               "estimate. Estimates from plan.py's formulas, never measured on a GPU")
     return out
 
 
