@@ -106,7 +106,7 @@ def rec(*a, **k):
 dist.init_process_group = rec
 out, (cmds, out_dir, res) = [], sys.argv[1:4]
 for argv, nproc in json.load(open(cmds)):
-    sys.argv = ["train.py"] + argv + ["--out_dir=" + out_dir]
+    sys.argv = ["train.py"] + argv + [f"--out_dir={out_dir}/{len(out)}"]  # one each: a run holds its out_dir's lock
     if nproc:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29547")
     try:
