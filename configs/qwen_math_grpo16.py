@@ -2,9 +2,9 @@
 # Needs the weights and data locally or a reachable hub: Qwen/Qwen2.5-Math-1.5B, DigitalLearningGmbH/MATH-lighteval.
 # Paper: 8.53 h on 4 GPUs for 10 epochs, MATH-500 Mean@32 70.24. Single GPU: expect several times that.
 # For 2-GRPO use configs/qwen_math_grpo2.py (k=2, 256 prompts per update, lr 8e-6).
-# Plan (python train.py configs/qwen_math_grpo16.py --dry_run --gpu=h200 --gpus=4): fits at a 60 GiB peak with the
-# sampler generating in 10 chunks of <= 40 GiB KV cache (2048 rollouts per GPU would need 364 GiB at once), ~20 min
-# a step estimated. Estimates only, never run on a GPU.
+# Plan (python train.py configs/qwen_math_grpo16.py --dry_run --gpu=h200 --gpus=4): fits at a 55 GiB peak per GPU,
+# the sampler decoding 256 of each GPU's 2048 rollouts at a time in a <= 40 GiB bf16 KV cache; ~82 s a step, ~3.3 h
+# for 146 steps. Estimates from plan.py's formulas (2026-12-07), never run on a GPU.
 # Run: torchrun --nproc_per_node=4 train.py configs/qwen_math_grpo16.py (DDP; compiled decode and training forward).
 # FSDP2 (weights/grads/AdamW sharded) is not combined with --compile (untested, refused):
 #   torchrun --nproc_per_node=4 train.py configs/qwen_math_grpo16.py --fsdp=True --compile=False

@@ -2,8 +2,8 @@
 # Needs the weights and data locally or a reachable hub: Qwen/Qwen2.5-Math-1.5B, DigitalLearningGmbH/MATH-lighteval.
 # Paper: 2.05 h on 4 GPUs for 10 epochs (24% of 16-GRPO), MATH-500 Mean@32 69.28.
 # The 16-GRPO baseline is configs/qwen_math_grpo16.py.
-# Plan (python train.py configs/qwen_math_grpo2.py --dry_run --gpu=h200 --gpus=4): 66 GiB peak per GPU,
-# ~137 s a step, ~5.5 h for 146 steps. Estimate only: never run on a GPU.
+# Plan (python train.py configs/qwen_math_grpo2.py --dry_run --gpu=h200 --gpus=4): 55 GiB peak per GPU, ~20 s a
+# step, ~50 min for 146 steps. Estimates from plan.py's formulas (2026-12-07), never run on a GPU.
 # Run: torchrun --nproc_per_node=4 train.py configs/qwen_math_grpo2.py (DDP; compiled decode and training forward).
 # FSDP2 (weights/grads/AdamW sharded) is not combined with --compile (untested, refused):
 #   torchrun --nproc_per_node=4 train.py configs/qwen_math_grpo2.py --fsdp=True --compile=False
