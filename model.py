@@ -269,6 +269,20 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+def attention_backends(cfg, rows=4, q_len=16, keys=256, device="cuda", dtype=torch.bfloat16):
+    """{call: kernel} that torch's SDPA dispatch picks for each way the model calls attention at these sizes: decode
+    (1 query, bool mask), prefill and the shared-prompt scorer (q_len queries, bool mask), training without padding
+    (is_causal, no mask). "MATH" is the slow fallback (fp32 upcast, K/V repeated to every head, O(T^2) fp32 scores).
+    For a GPU check: on CUDA masked GQA attention is expected to hit MATH (gpu-audit item 10)."""
+    from torch.nn.attention import SDPBackend
+    H, Hkv = cfg.n_heads, cfg.n_kv_heads
+    x = lambda h, t: torch.zeros(rows, h, t, cfg.head_dim, device=device, dtype=dtype)
+    m = lambda t: torch.ones(rows, 1, t, keys, dtype=torch.bool, device=device)
+    calls = dict(decode=(x(H, 1), m(1)), prefill_scorer=(x(H, q_len), m(q_len)), train_causal=(x(H, keys), None))
+    return {name: SDPBackend(torch._fused_sdp_choice(q, x(Hkv, keys), x(Hkv, keys), attn_mask=mask,
+                                                     is_causal=mask is None, enable_gqa=H != Hkv)).name
+            for name, (q, mask) in calls.items()}
+
 # -----------------------------------------------------------------------------
 # loading and saving
 

@@ -5,12 +5,19 @@ The batched sampler: k samples for each of P prompts, and the matching log-prob 
     ro.tokens (B, Tn), ro.mask (B, Tn), ro.logp (B, Tn), ro.finish ["eos" | "length"] with B = P * k
     logp = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, temperature=1.0)
 
-Layout (shared by sampling and scoring, so old_logp == logp on-policy): prompts take Lp columns, padded where
-needed, and completions follow at column Lp; RoPE positions count real tokens only (pos = cumsum(valid) - 1), pad
-keys are masked, so where the padding sits does not change any number. The prefix every prompt shares (the chat
-template's system turn) is prefilled once, each unique prompt's rest once, and the cache forked into k rows
-(nanochat); decode runs on a preallocated cache. Row r belongs to prompt r // k. The scorer does the same with
-autograd on: the shared prefix and each distinct prompt forwarded once, completions on top of their keys/values.
+Layout (shared by sampling and scoring): prompts take Lp columns, padded where needed, and completions follow at
+column Lp; RoPE positions count real tokens only (pos = cumsum(valid) - 1) and pad keys are masked, so where the
+padding sits changes no number beyond float summation order. The prefix every prompt shares (the chat template's
+system turn) is prefilled once, each unique prompt's rest once, and its keys/values copied into the slots of its k
+rows (nanochat); decode runs continuously batched on a preallocated cache. Row r belongs to prompt r // k. The scorer
+does the same with autograd on: the shared prefix and each distinct prompt once, completions on top.
+
+What is exact where: in fp32 on a CPU a row's tokens and log-probs do not depend on its batch, slot or refill order,
+and the trainer's recompute gives the sampler's log-probs to ~1e-6 (ratio 1 to float precision; tests/test_sampler_fast.py).
+On a GPU kernels are chosen by shape, so rows in different batches differ in the last bits and a sampled token
+can flip where two are near-tied; under bf16 the sampler's log-probs differ from the trainer's fp32 ones (|d logp|
+up to ~1 seen in the bf16 emulation), and --dtype=float32 still uses TF32 matmuls. Per-row seeds still fix each row's noise
+(a rerun repeats as far as the GPU's kernels are deterministic); use old_logp = "recompute" there.
 """
 from dataclasses import dataclass
 

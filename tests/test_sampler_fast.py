@@ -168,21 +168,21 @@ def test_rope_stays_fp32_in_bf16(tiny_dir):
 
 
 def test_bf16_greedy_decode_matches_fp32_where_separated(tiny):
-    """A bf16 copy (sampling_copy) decodes greedily at positions ~1000-1030 the tokens of the fp32 model, up to the
-    first step whose fp32 top-2 logit gap is small. Old main's bf16 RoPE scrambles these positions."""
+    """A bf16 copy (sampling_copy) decodes greedily at positions ~1000-1100 the tokens of the fp32 model, up to each
+    row's first step whose fp32 top-2 logit gap is under 0.02 (bf16's logit error here is <= ~0.01). Old main's
+    bf16 RoPE scrambles these positions."""
     model, _ = tiny
     m16 = sampling_copy(model, torch.bfloat16)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 250, (1000 + 7 * i,), generator=g).tolist() for i in range(3)]
-    n = 24
+    prompts = [torch.randint(3, 250, (1000 + 7 * i,), generator=g).tolist() for i in range(16)]
+    n = 16
     a = generate(model, prompts, max_new_tokens=n, temperature=0)
     b = generate(m16, prompts, max_new_tokens=n, temperature=0)
     checked = 0
     for r, p in enumerate(prompts):
-        with torch.no_grad():  # teacher-forced fp32 logits along the fp32 path
-            logits = model(torch.tensor([p + a.tokens[r].tolist()]))[0, len(p) - 1:-1]
-        top2 = logits.topk(2, -1).values
-        sep = (top2[:, 0] - top2[:, 1] > 0.05 * logits.std(-1)).tolist()  # bf16 rounding is ~0.4% of the logits
+        with torch.no_grad():  # fp32 logits along the fp32 path
+            top2 = model(torch.tensor([p + a.tokens[r].tolist()]))[0, len(p) - 1:-1].topk(2, -1).values
+        sep = (top2[:, 0] - top2[:, 1] > 0.02).tolist()
         t = sep.index(False) if False in sep else n
         assert b.tokens[r, :t].tolist() == a.tokens[r, :t].tolist(), (r, t)
         checked += t
@@ -205,3 +205,23 @@ def test_sampling_copy_refreshes_in_place(tiny):
     assert torch.equal(c.layers[0].mlp.up_proj.weight, (m.layers[0].mlp.up_proj.weight + 1.0).bfloat16())
     ro = generate(c, [[5, 6, 7]], k=2, max_new_tokens=4, temperature=1.0)  # a bf16 cache
     assert ro.tokens.shape == (2, 4)
+
+
+def test_attention_backends_names_a_kernel_per_call(tiny):
+    """The GPU check's kernel report runs on any device; a CPU has a masked flash kernel, so nothing is MATH here."""
+    from model import attention_backends
+    got = attention_backends(tiny[0].cfg, device="cpu", dtype=torch.float32)
+    assert set(got) == {"decode", "prefill_scorer", "train_causal"} and "MATH" not in got.values(), got
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: SDPA kernel choice")
+@pytest.mark.parametrize("call", ["decode", "prefill_scorer", "train_causal"])
+def test_cuda_attention_is_fused(call):
+    """Qwen2.5-Math-1.5B's attention shape in bf16. The masked GQA calls are expected to fall back to MATH until
+    they move to FlexAttention or a mask-free layout (issue 22): xfail, strict, so fixing them shows."""
+    from model import ModelConfig, attention_backends
+    cfg = ModelConfig(n_heads=12, n_kv_heads=2, head_dim=128)
+    got = attention_backends(cfg, rows=8, q_len=64, keys=1024)[call]
+    if call != "train_causal" and got == "MATH":
+        pytest.xfail("masked GQA SDPA picks the math kernel on CUDA (gpu-audit item 10)")
+    assert got != "MATH", got
