@@ -233,7 +233,7 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
                 owner[s], tt[s], start[s] = r, 1, Lp
 
     fill(list(range(R)) if B else [])
-    shapes, steps, first = set(), 0, True
+    shapes, steps, row_steps, key_cols, first = set(), 0, 0, 0, True
     while any(o is not None for o in owner):
         if not first or n == 1:  # the loop's only host read: which rows stopped (or reached n tokens)
             d = _host(done).tolist()
@@ -266,18 +266,13 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
             tokens[row, t], logp[row, t], tok, done = x, lp, x, d
             pos, col, t = pos + 1, (col + 1).clamp(max=S - 1), (t + 1).clamp(max=n)
             tt = [x + 1 for x in tt]
-            steps += 1
-            if stats is not None:
-                stats["row_steps"] = stats.get("row_steps", 0) + R
-                stats["key_cols"] = stats.get("key_cols", 0) + R * W
+            steps, row_steps, key_cols = steps + 1, row_steps + R, key_cols + R * W
     h = _host(torch.cat([done_rows[:B], mask[:B, :n].any(0)]))  # (B + n,) which rows stopped, which columns any row reached
     Tn = int(h[B:].nonzero().max()) + 1 if h[B:].any() else 0  # drop columns no row reached
-    if stats is not None:
-        stats["steps"] = stats.get("steps", 0) + steps
-        stats["tokens"] = stats.get("tokens", 0) + int(_host(mask[:B].sum()))
-        stats["graphs"] = stats.get("graphs", 0) + (len(shapes) if decode_fn else 0)
-        for key in ("row_steps", "key_cols"):
-            stats.setdefault(key, 0)
+    if stats is not None:  # decode forwards, rows and rows x key columns they computed, tokens, compiled shapes
+        new = dict(steps=steps, row_steps=row_steps, key_cols=key_cols, tokens=int(_host(mask[:B].sum())),
+                   graphs=len(shapes) if decode_fn else 0)
+        stats.update({key: stats.get(key, 0) + v for key, v in new.items()})
     return Rollout(prompt_ids, prompt_mask, tokens[:B, :Tn], mask[:B, :Tn], logp[:B, :Tn],
                    ["eos" if e else "length" for e in h[:B].tolist()])
 
