@@ -35,11 +35,11 @@ def test_compiled_step_allocates_no_cache_sized_buffer(tiny):
     torch._dynamo.reset()
     step = torch.compile(decode_step, fullgraph=True, dynamic=False)
     with torch.no_grad():
-        _, code = run_and_get_code(step, model, torch.zeros(B, dtype=torch.long), torch.full((B,), 5),
+        _, code = run_and_get_code(step, model, torch.full((B,), 7), torch.full((B,), 5),
                                    torch.ones(B, S, dtype=torch.bool), cache, torch.arange(B) + 5, torch.rand(B),
                                    torch.zeros(B, dtype=torch.bool), torch.tensor([2]), 0, 1.0, 0, 1.0)
     shapes = re.findall(r"empty_strided_cpu\(\(([\d, ]+)\)", "\n".join(code))
-    sizes = [eval(f"({s},)") for s in shapes]
+    sizes = [[int(x) for x in s.split(",") if x.strip()] for s in shapes]
     assert sizes, "no buffers found: the generated code's format changed"
     layer = B * cfg.n_kv_heads * S * cfg.head_dim
     big = [s for s in sizes if torch.Size(s).numel() >= layer]
