@@ -186,7 +186,7 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     L = max(map(len, prompts), default=0)  # the widest layout: a group's Lp is at most its longest prompt
     S = -(-(L + n) // 256) * 256 if decode_fn else L + n  # cache width; compiled: few distinct shapes
     cap = max(1, int(mem_budget // (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * S * dtype.itemsize))
-              if mem_budget else max(B, 1))  # slots that fit the budget
+              if mem_budget else 1 << 30)  # slots that fit the budget
     bucket = (lambda x: min(1 << (x - 1).bit_length(), 1 << (cap.bit_length() - 1))) if decode_fn else (lambda x: min(x, cap))
     R, g = bucket(max(B, 1)), max(1, bucket(max(B, 1)) // k)  # slots; prompts prefilled together
     dev = lambda xs: torch.tensor(xs, dtype=torch.long).to(device)
