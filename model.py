@@ -154,16 +154,16 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, layer, slot, k, v):
-        # write (B, Hkv, Tq, hd) at columns [slot, slot+Tq); slot may be a 0-dim tensor so a compiled decode step
-        # sees one static graph for every position. Returns the whole cache of this layer.
-        cols = slot + torch.arange(k.size(2), device=k.device)
-        self.k[layer].index_copy_(2, cols, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, cols, v.to(self.v.dtype))
+        # write (B, Hkv, Tq, hd) at columns [slot, slot+Tq) of each row; slot: an int, or a (B,) tensor (each row its
+        # own column, a compiled decode step sees one static graph for every position). One index_put_ on the base
+        # buffer: inductor re-inplaces it, where index_copy_ on a view copied the whole cache every step.
+        B, Hkv, T, _ = k.shape
+        cols = torch.as_tensor(slot, device=k.device).view(-1, 1) + torch.arange(T, device=k.device)  # (B | 1, T)
+        idx = (torch.full((), layer, device=k.device), torch.arange(B, device=k.device)[:, None, None],
+               torch.arange(Hkv, device=k.device)[None, :, None], cols[:, None, :])  # -> (B, Hkv, T)
+        self.k.index_put_(idx, k.to(self.k.dtype))
+        self.v.index_put_(idx, v.to(self.v.dtype))
         return self.k[layer], self.v[layer]
-
-    def keep_rows(self, idx):
-        """Keep only batch rows idx (a LongTensor): the sampler drops rows that have finished."""
-        self.k, self.v = self.k[:, idx], self.v[:, idx]
 
 
 class Attention(nn.Module):
@@ -243,11 +243,8 @@ class Transformer(nn.Module):
         B, T = ids.shape
         if pos is None:
             pos = torch.arange(T, device=ids.device).expand(B, T)
-        # RoPE tables in fp32 for exactly these positions: cheap, and no max_seq_len bookkeeping
-        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         x = self.embed_tokens(ids)  # (B, T, D)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = (c.to(x.dtype) for c in self.rope(pos))  # cast like HF, after the fp32 angles
         if torch.is_autocast_enabled(x.device.type):
             cos, sin = cos.to(torch.get_autocast_dtype(x.device.type)), sin.to(torch.get_autocast_dtype(x.device.type))
         for i, block in enumerate(self.layers):
@@ -258,8 +255,37 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if hidden else linear(x, self.lm_head)
 
+    def rope(self, pos):
+        """RoPE tables (B, 1, T, hd) cos, sin in fp32 for exactly these positions pos (B, T): cheap, and no
+        max_seq_len bookkeeping. fp32 whatever the weights' dtype: in bf16 the angle at position 3000 is off by
+        up to 3.7 rad."""
+        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(bf16) / .half() cast every float buffer: recompute inv_freq in fp32 on its new device
+        super()._apply(fn, *args, **kwargs)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+def attention_backends(cfg, rows=4, q_len=16, keys=256, device="cuda", dtype=torch.bfloat16):
+    """{call: kernel} that torch's SDPA dispatch picks for each way the model calls attention at these sizes: decode
+    (1 query, bool mask), prefill and the shared-prompt scorer (q_len queries, bool mask), training without padding
+    (is_causal, no mask). "MATH" is the slow fallback (fp32 upcast, K/V repeated to every head, O(T^2) fp32 scores).
+    For a GPU check: on CUDA masked GQA attention is expected to hit MATH (gpu-audit item 10)."""
+    from torch.nn.attention import SDPBackend
+    H, Hkv = cfg.n_heads, cfg.n_kv_heads
+    x = lambda h, t: torch.zeros(rows, h, t, cfg.head_dim, device=device, dtype=dtype)
+    m = lambda t: torch.ones(rows, 1, t, keys, dtype=torch.bool, device=device)
+    calls = dict(decode=(x(H, 1), m(1)), prefill_scorer=(x(H, q_len), m(q_len)), train_causal=(x(H, keys), None))
+    return {name: SDPBackend(torch._fused_sdp_choice(q, x(Hkv, keys), x(Hkv, keys), attn_mask=mask,
+                                                     is_causal=mask is None, enable_gqa=H != Hkv)).name
+            for name, (q, mask) in calls.items()}
 
 # -----------------------------------------------------------------------------
 # loading and saving
@@ -420,6 +446,23 @@ def from_pretrained(name_or_path=DEFAULT_MODEL, device="cpu", dtype=torch.float3
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg)  # buffers built on meta have no data
     return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def sampling_copy(model, dtype=torch.bfloat16, out=None):
+    """A copy of model's weights in dtype for the sampler (bf16 weights, hence a bf16 KV cache and no per-step
+    casts), while training keeps the fp32 master weights. out: a previous copy, refreshed in place (same storage, so
+    a compiled decode's graphs keep their inputs). Call it after each optimizer step."""
+    if out is None:
+        with torch.device("meta"):
+            out = Transformer(model.cfg)
+        out = out.to_empty(device=model.embed_tokens.weight.device).to(dtype).eval().requires_grad_(False)
+        if model.cfg.tie_embeddings:
+            out.lm_head.weight = out.embed_tokens.weight
+        out.inv_freq = rope_inv_freq(model.cfg).to(model.embed_tokens.weight.device)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), out.parameters(), strict=True):
+            q.copy_(p)
+    return out
 
 
 def save_pretrained(model, tokenizer, out_dir):

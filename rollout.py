@@ -5,12 +5,19 @@ The batched sampler: k samples for each of P prompts, and the matching log-prob 
     ro.tokens (B, Tn), ro.mask (B, Tn), ro.logp (B, Tn), ro.finish ["eos" | "length"] with B = P * k
     logp = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, temperature=1.0)
 
-Layout (shared by sampling and scoring, so old_logp == logp on-policy): prompts take Lp columns, padded where
-needed, and completions follow at column Lp; RoPE positions count real tokens only (pos = cumsum(valid) - 1), pad
-keys are masked, so where the padding sits does not change any number. The prefix every prompt shares (the chat
-template's system turn) is prefilled once, each unique prompt's rest once, and the cache forked into k rows
-(nanochat); decode runs on a preallocated cache. Row r belongs to prompt r // k. The scorer does the same with
-autograd on: the shared prefix and each distinct prompt forwarded once, completions on top of their keys/values.
+Layout (shared by sampling and scoring): prompts take Lp columns, padded where needed, and completions follow at
+column Lp; RoPE positions count real tokens only (pos = cumsum(valid) - 1) and pad keys are masked, so where the
+padding sits changes no number beyond float summation order. The prefix every prompt shares (the chat template's
+system turn) is prefilled once, each unique prompt's rest once, and its keys/values copied into the slots of its k
+rows (nanochat); decode runs continuously batched on a preallocated cache. Row r belongs to prompt r // k. The scorer
+does the same with autograd on: the shared prefix and each distinct prompt once, completions on top.
+
+What is exact where: in fp32 on a CPU a row's tokens and log-probs do not depend on its batch, slot or refill order,
+and the trainer's recompute gives the sampler's log-probs to ~1e-6 (ratio 1 to float precision; tests/test_sampler_fast.py).
+On a GPU kernels are chosen by shape, so rows in different batches differ in the last bits and a sampled token
+can flip where two are near-tied; under bf16 the sampler's log-probs differ from the trainer's fp32 ones (|d logp|
+up to ~1 seen in the bf16 emulation), and --dtype=float32 still uses TF32 matmuls. Per-row seeds still fix each row's noise
+(a rerun repeats as far as the GPU's kernels are deterministic); use old_logp = "recompute" there.
 """
 from dataclasses import dataclass
 
@@ -135,18 +142,19 @@ def sample_step(logits, u, done, stop, pad_id, temperature, top_k, top_p):
     return tok, lp, done | (tok[:, None] == stop).any(-1)  # not torch.isin: it may sync
 
 
-def decode_step(model, tok, pos, valid, cache, slot, u, done, stop, pad_id, temperature, top_k, top_p):
-    """Feed tok (B,) at RoPE positions pos (B,) into cache column slot, then sample_step on the logits. valid (B, W):
-    key columns that hold tokens (those past slot are masked here). slot is a 0-dim tensor and the cache is written
-    with index_copy_, so one compiled graph (make_compiled_decode) serves every step."""
-    mask = (valid & (torch.arange(valid.size(1), device=valid.device) <= slot))[:, None, None]  # (B, 1, 1, W)
-    logits = model(tok[:, None], pos[:, None], mask, cache, slot)[:, -1].float()  # (B, V)
+def decode_step(model, tok, pos, valid, cache, col, u, done, stop, pad_id, temperature, top_k, top_p):
+    """Feed tok (B,) at RoPE positions pos (B,) into cache columns col (B,), then sample_step on the logits.
+    valid (B, W): key columns that hold tokens (those past each row's col are masked here). col is a tensor and the
+    cache is written in place, so one compiled graph (make_compiled_decode) serves every step of a (B, W) shape."""
+    mask = (valid & (torch.arange(valid.size(1), device=valid.device) <= col[:, None]))[:, None, None]  # (B, 1, 1, W)
+    logits = model(tok[:, None], pos[:, None], mask, cache, col)[:, -1].float()  # (B, V)
     return sample_step(logits, u, done, stop, pad_id, temperature, top_k, top_p)
 
 
 def make_compiled_decode(device):
     """decode_step compiled whole (fullgraph, static shapes): inductor on CPU, CUDA graphs (reduce-overhead) on CUDA.
-    generate runs it on the full-width cache and never drops rows; the eager decode_step is its reference."""
+    generate feeds it a few bucketed shapes only (rows a power of two, cache width a multiple of 256), so a run
+    compiles a handful of graphs; the eager decode_step is its reference."""
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
     return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
 
@@ -158,80 +166,115 @@ def _host(x):
 
 @torch.no_grad()
 def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), pad_id=0,
-             seed=0, sync_every=None, decode_fn=None, mem_budget=None):
+             seed=0, sync_every=None, decode_fn=None, mem_budget=None, stats=None):
     """prompts: list of P token-id lists (ragged). Returns a Rollout with B = P * k rows (see module docstring).
-    seed: an int, or a list of B ints, one per row. Each row draws its own noise from its own seed, so a row's sample
-    does not depend on which other rows share the batch (same result split over DDP ranks, chunks, or prompts).
-    sync_every: check "all rows stopped" every this many steps (default 1 on CPU, 16 on GPU).
-    decode_fn: make_compiled_decode's compiled decode_step; None: the eager decode_step, dropping finished rows.
-    mem_budget: bytes the KV cache may take. Prompts are generated in chunks of whole prompts (k rows each) that fit
-    it, at least one prompt a chunk; None: one chunk."""
-    device, cfg = model.embed_tokens.weight.device, model.cfg
+    seed: an int, or a list of B ints, one per row. Each row draws its own noise from its own seed, so (in fp32 on a
+    CPU) a row's sample does not depend on which rows share its batch, when it started or in which slot it ran.
+    Continuous batching: the decode batch has R slots (a power of two when compiled); a row that stops leaves its slot
+    at the next host check and the next queued row takes it (its prompt's cache columns copied in, its first token
+    sampled from the prompt's logits; the k rows of a prompt share one prefill). Once the queue is empty, live rows
+    are compacted into fewer slots. sync_every: host checks every this many steps (default 1 on CPU, 16 on GPU).
+    decode_fn: make_compiled_decode's compiled decode_step (cache width a multiple of 256); None: eager decode_step
+    reading only the columns written so far. mem_budget: bytes the KV cache may take (R slots fit it); None: R = B.
+    stats: a dict to which steps, row_steps, tokens, key_cols, graphs are added (utilisation = tokens / row_steps)."""
+    device, cfg, dtype = model.embed_tokens.weight.device, model.cfg, model.embed_tokens.weight.dtype
     P, n = len(prompts), max_new_tokens
     B = P * k
     seeds = [hash((seed, r)) & 0x7FFFFFFF for r in range(B)] if isinstance(seed, int) else list(seed)
     assert len(seeds) == B, f"need one seed per row ({B}), got {len(seeds)}"
-    L = max(map(len, prompts), default=0)  # the widest layout: a chunk's Lp is at most its longest prompt
-    row_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (L + n) * model.embed_tokens.weight.element_size()
-    per = max(1, int(mem_budget // (k * row_bytes))) if mem_budget else max(P, 1)  # prompts a chunk
+    assert n > 0, f"max_new_tokens={n}: need at least 1"
+    L = max(map(len, prompts), default=0)  # the widest layout: a group's Lp is at most its longest prompt
+    S = -(-(L + n) // 256) * 256 if decode_fn else L + n  # cache width; compiled: few distinct shapes
+    cap = max(1, int(mem_budget // (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * S * dtype.itemsize))
+              if mem_budget else 1 << 30)  # slots that fit the budget
+    bucket = (lambda x: min(1 << (x - 1).bit_length(), 1 << (cap.bit_length() - 1))) if decode_fn else (lambda x: min(x, cap))
+    R, g = bucket(max(B, 1)), max(1, bucket(max(B, 1)) // k)  # slots; prompts prefilled together
+    dev = lambda xs: torch.tensor(xs, dtype=torch.long).to(device)
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    ro = Rollout(torch.full((B, L), pad_id, device=device), torch.zeros((B, L), dtype=torch.bool, device=device),
-                 torch.full((B, n), pad_id, device=device), *torch.zeros((2, B, n), device=device), [])
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    sync_every = sync_every or (1 if device.type == "cpu" else 16)
-    for i in range(0, P, per):
-        r = slice(i * k, min(i + per, P) * k)
-        ids, valid, *out = _generate_chunk(model, prompts[i:i + per], k, seeds[r], n, stop, pad_id, temperature, top_k,
-                                           top_p, sync_every, decode_fn)
-        ro.prompt_ids[r, L - ids.size(1):], ro.prompt_mask[r, L - ids.size(1):] = ids, valid  # left-padded to L
-        ro.tokens[r], ro.logp[r], ro.mask[r], done[r] = out
-    h = _host(torch.cat([done, ro.mask.any(0)]))  # (B + n,) which rows stopped, which columns any row reached
+    noise = torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(s)) for s in seeds] + [torch.zeros(n)])
+    noise = noise.to(device)  # (B + 1, n): row r's uniforms, drawn on CPU so every device agrees
+    prompt_ids, prompt_mask = torch.full((B, L), pad_id, device=device), torch.zeros((B, L), dtype=torch.bool, device=device)
+    # outputs, with a scratch row B (idle slots) and a scratch column n
+    tokens = torch.full((B + 1, n + 1), pad_id, dtype=torch.long, device=device)
+    logp, mask = torch.zeros((2, B + 1, n + 1), device=device)
+    done_rows = torch.zeros(B + 1, dtype=torch.bool, device=device)
+    # slot state: last token, its RoPE position, cache column, tokens generated, output row (B: idle), stopped
+    cache = KVCache(cfg, R, S, device, dtype)
+    valid = torch.ones((R, S), dtype=torch.bool, device=device)  # (R, S) key columns holding tokens
+    tok, pos, col, t = torch.zeros((4, R), dtype=torch.long, device=device)
+    row, done = torch.full((R,), B, device=device), torch.ones(R, dtype=torch.bool, device=device)
+    owner, tt, start, nxt, group = [None] * R, [0] * R, [0] * R, 0, {}  # host mirror of the slots; the queue head
+
+    def fill(free):
+        """Queued rows into free slots: their prompt's keys/values and first token (sampled from its logits)."""
+        nonlocal nxt
+        take = list(zip(free, range(nxt, B)))
+        nxt += len(take)
+        for gi in sorted({r // k // g for _, r in take}):
+            if gi not in group:  # rows are taken in order: earlier groups are spent
+                ps = range(gi * g, min(gi * g + g, P))
+                ids, pv, kv, h = prefill_prompts(model, [prompts[p] for p in ps], pad_id, device)
+                rows = slice(ps[0] * k, ps[-1] * k + k)
+                prompt_ids[rows, L - ids.size(1):] = ids.repeat_interleave(k, 0)
+                prompt_mask[rows, L - ids.size(1):] = pv.repeat_interleave(k, 0)
+                group.clear()
+                group[gi] = (torch.stack(list(kv.k.values())), torch.stack(list(kv.v.values())), pv,
+                             linear(h, model.lm_head).float())  # (n_layers, g, Hkv, Lp, hd) x 2, (g, Lp), (g, V)
+            gk, gv, pv, logits = group[gi]
+            hs, hr = zip(*[(s, r) for s, r in take if r // k // g == gi])
+            Lp, ss, rr = pv.size(1), dev(hs), dev(hr)
+            pp = rr // k - gi * g
+            cache.k[:, ss, :, :Lp], cache.v[:, ss, :, :Lp] = gk[:, pp], gv[:, pp]
+            valid[ss], valid[ss, :Lp] = True, pv[pp]
+            pos[ss], col[ss], t[ss], row[ss] = pv[pp].sum(-1), Lp, 1, rr
+            x, lp, d = sample_step(logits[pp], noise[rr, 0], done[ss] & False, stop, pad_id, temperature, top_k, top_p)
+            tokens[rr, 0], logp[rr, 0], mask[rr, 0], tok[ss], done[ss] = x, lp, 1.0, x, d
+            for s, r in zip(hs, hr):
+                owner[s], tt[s], start[s] = r, 1, Lp
+
+    fill(list(range(R)) if B else [])
+    shapes, steps, row_steps, key_cols, first = set(), 0, 0, 0, True
+    while any(o is not None for o in owner):
+        if not first or n == 1:  # the loop's only host read: which rows stopped (or reached n tokens)
+            d = _host(done).tolist()
+            free = [s for s in range(R) if owner[s] is not None and (d[s] or tt[s] >= n)]
+            if free:
+                fin = dev(free)
+                done_rows[row[fin]] = done[fin]
+                row[fin], done[fin], valid[fin] = B, True, True  # idle: writes go to the scratch row
+                for s in free:
+                    owner[s] = None
+                fill(free)
+            live = [s for s in range(R) if owner[s] is not None]
+            if not live:
+                break
+            if nxt == B and bucket(len(live)) < R and (decode_fn or len(live) <= 0.75 * R):  # compact live rows
+                keep = live + [s for s in range(R) if owner[s] is None][:bucket(len(live)) - len(live)]
+                idx = dev(keep)
+                cache.k, cache.v = cache.k[:, idx], cache.v[:, idx]
+                valid, tok, pos, col, t, row, done = (x[idx] for x in (valid, tok, pos, col, t, row, done))
+                owner, tt, start = ([x[s] for s in keep] for x in (owner, tt, start))
+                R = len(keep)
+        first = False
+        for _ in range(min(sync_every or (1 if device.type == "cpu" else 16),
+                           min(n - tt[s] for s in range(R) if owner[s] is not None))):
+            W = S if decode_fn else max(start[s] + tt[s] for s in range(R) if owner[s] is not None)
+            shapes.add((R, W))
+            x, lp, d = (decode_fn or decode_step)(model, tok, pos, valid[:, :W], cache, col, noise[row, t.clamp(max=n - 1)],
+                                                  done, stop, pad_id, temperature, top_k, top_p)
+            mask[row, t] = (~done).float()
+            tokens[row, t], logp[row, t], tok, done = x, lp, x, d
+            pos, col, t = pos + 1, (col + 1).clamp(max=S - 1), (t + 1).clamp(max=n)
+            tt = [x + 1 for x in tt]
+            steps, row_steps, key_cols = steps + 1, row_steps + R, key_cols + R * W
+    h = _host(torch.cat([done_rows[:B], mask[:B, :n].any(0)]))  # (B + n,) which rows stopped, which columns any row reached
     Tn = int(h[B:].nonzero().max()) + 1 if h[B:].any() else 0  # drop columns no row reached
-    return Rollout(ro.prompt_ids, ro.prompt_mask, ro.tokens[:, :Tn], ro.mask[:, :Tn], ro.logp[:, :Tn],
+    if stats is not None:  # decode forwards, rows and rows x key columns they computed, tokens, compiled shapes
+        new = dict(steps=steps, row_steps=row_steps, key_cols=key_cols, tokens=int(_host(mask[:B].sum())),
+                   graphs=len(shapes) if decode_fn else 0)
+        stats.update({key: stats.get(key, 0) + v for key, v in new.items()})
+    return Rollout(prompt_ids, prompt_mask, tokens[:B, :Tn], mask[:B, :Tn], logp[:B, :Tn],
                    ["eos" if e else "length" for e in h[:B].tolist()])
-
-
-def _generate_chunk(model, prompts, k, seeds, n, stop, pad_id, temperature, top_k, top_p, sync_every, decode_fn):
-    """generate's work for one chunk -> ids (B, Lp), valid (B, Lp), tokens (B, n), logp (B, n), mask (B, n), done (B,)."""
-    device, cfg, B = model.embed_tokens.weight.device, model.cfg, len(seeds)
-    noise = torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    noise = noise.to(device)  # (B, n): row r's uniforms, drawn on CPU so every device agrees
-    # prefill: the shared prefix once, the rest of each unique prompt once, then fork the cache into k rows
-    ids, valid, kv, h = prefill_prompts(model, prompts, pad_id, device)
-    ids, valid, Lp = ids.repeat_interleave(k, 0), valid.repeat_interleave(k, 0), ids.size(1)
-    S = -(-(Lp + n) // 64) * 64  # cache width, rounded up so the compiled step meets few distinct shapes
-    cache = KVCache(cfg, B, S, device, model.embed_tokens.weight.dtype)
-    for i in range(cfg.n_layers):
-        cache.k[i, :, :, :Lp] = kv.k[i].repeat_interleave(k, dim=0)
-        cache.v[i, :, :, :Lp] = kv.v[i].repeat_interleave(k, dim=0)
-    del kv
-    logits = linear(h, model.lm_head).float().repeat_interleave(k, 0)  # (B, V): each row samples its own first token
-    kv_valid = F.pad(valid, (0, S - Lp), value=True)  # (B, S): completion columns hold tokens once written
-    pos = valid.sum(-1)  # (B,) RoPE position of the first completion token
-    slots = torch.arange(Lp, S, device=device)  # cache column of each completion token (0-dim views)
-    tokens = torch.full((B, n), pad_id, dtype=torch.long, device=device)
-    logp, mask = torch.zeros((2, B, n), device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    rows = torch.arange(B, device=device)  # decode row i is output row rows[i]; the eager path drops finished rows
-    for t in range(n):
-        if t == 0:
-            out = sample_step(logits, noise[:, 0], done, stop, pad_id, temperature, top_k, top_p)
-        else:
-            if t % sync_every == 0:  # the loop's only host read: stop once every row is done
-                live = _host(~done[rows])  # (b,)
-                if not live.any():
-                    break
-                if decode_fn is None and live.sum() <= 0.75 * len(live):  # RL rollouts are mostly short: ~2x less decode
-                    keep = live.nonzero()[:, 0].to(device)
-                    rows = rows[keep]
-                    cache.keep_rows(keep)
-            width = S if decode_fn else Lp + t  # compiled: one static width; eager: the keys written so far
-            out = (decode_fn or decode_step)(model, tokens[rows, t - 1], pos[rows] + t - 1, kv_valid[rows, :width],
-                                             cache, slots[t - 1], noise[rows, t], done[rows], stop, pad_id,
-                                             temperature, top_k, top_p)
-        mask[rows, t] = (~done[rows]).float()
-        tokens[rows, t], logp[rows, t], done[rows] = out
-    return ids, valid, tokens, logp, mask, done
 
 
 def _hidden_plain(model, prompt_ids, prompt_mask, tokens):

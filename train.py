@@ -126,7 +126,7 @@ from data import check_prompt_lengths, load_preferences, load_problems  # noqa: 
 from eval import evaluate, load_checkpoint  # noqa: E402
 from loss import (dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, sampler_mismatch,  # noqa: E402
                   seq_logp)
-from model import chat_ids, from_pretrained, stop_token_ids  # noqa: E402
+from model import chat_ids, from_pretrained, sampling_copy, stop_token_ids  # noqa: E402
 from reward import extract_answer, math_reward  # noqa: E402
 from rollout import Bf16Emulation, completion_logprobs, generate, make_compiled_decode  # noqa: E402
 
@@ -228,6 +228,9 @@ model.train()
 model.gradient_checkpointing = cfg.grad_ckpt
 train_model = torch.compile(model, dynamic=True) if cfg.compile else model  # `model` stays the raw module
 decode_fn = make_compiled_decode(device) if cfg.compile and device.type == "cuda" else None
+# bf16 sampling on a GPU: a bf16 copy of the policy (bf16 cache, no per-step weight casts), refreshed from the fp32
+# master weights before each generation. CPUs keep autocast / Bf16Emulation; FSDP gathers bf16 weights itself
+bf16_copy, sampler = device.type == "cuda" and not cfg.fsdp and (cfg.sample_dtype or cfg.dtype) == "bfloat16", None
 stops = stop_token_ids(tok, model.cfg)
 pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
 if cfg.algo == "dpo_offline":  # a preference response ends as the chat template ends an assistant turn (Qwen base
@@ -440,8 +443,11 @@ def sample_groups(items, step, k):
         return [], dict(rewards=[], correct=[], trunc=[], lens=[])
     prompts = [encode(p["prompt"]) for _, p in items]
     seeds = [hash((cfg.seed, step, gi, j)) & 0x7FFFFFFF for gi, _ in items for j in range(k)]
-    with sample_ctx():
-        ro = generate(model, prompts, k=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+    global sampler
+    if bf16_copy:
+        sampler = sampling_copy(model, torch.bfloat16, out=sampler)
+    with nullcontext() if bf16_copy else sample_ctx():
+        ro = generate(sampler if bf16_copy else model, prompts, k=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                       stop_ids=stops, pad_id=pad_id, seed=seeds, decode_fn=decode_fn,
                       mem_budget=cfg.sample_mem_gib * 2 ** 30 or None)
     lens = ro.mask.sum(-1).long().tolist()

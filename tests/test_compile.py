@@ -1,5 +1,5 @@
 """The compiled decode (rollout.make_compiled_decode) on CPU with inductor: same tokens and log-probs as the eager
-decode_step, one graph for every decode step, and no host read in the decode loop but the periodic all-done check.
+decode_step, a few bucketed graphs for every decode step, and no host read in the decode loop but the periodic all-done check.
 The CUDA-graph variant (mode="reduce-overhead") is the same code; its replay test skips without CUDA.
 Run: python -m pytest -q tests/test_compile.py"""
 import pytest
@@ -33,17 +33,18 @@ def run(model, tok, decode_fn, n, **kw):
                     stop_ids=[tok.eos_token_id], seed=3, decode_fn=decode_fn, **kw)
 
 
-def test_one_graph_for_32_steps(tiny, compiled):
-    """The cache column (slot) and positions are tensors and the cache has one width: 32 decode steps, then two more
-    generate calls of the same shapes, run one graph, compiled once. Fails if slot goes back to a Python int.
-    (Each temperature / top-k / top-p setting and each cache width, a multiple of 64, is its own graph.)"""
+def test_few_graphs_for_32_steps(tiny, compiled):
+    """Cache columns and positions are tensors, rows are bucketed to powers of two and the cache width to multiples of
+    256: 32 decode steps of 6 rows (8 slots, compacted to 4, 2, 1 as rows stop) compile at most 4 graphs, and two more
+    generate calls of the same shapes compile none. Fails if a column goes back to a Python int."""
     model, tok = tiny
-    run(model, tok, compiled, 33, temperature=1.0)  # the first use of the module's compiled decode (this test runs first)
-    assert counters["stats"]["unique_graphs"] == 1, {k: dict(v) for k, v in counters.items()}
+    stats = {}
+    run(model, tok, compiled, 33, temperature=1.0, stats=stats)  # the module's compiled decode's first use
+    first = counters["stats"]["unique_graphs"]
+    assert 1 <= first <= 4 and first == stats["graphs"], ({k: dict(v) for k, v in counters.items()}, stats)
     run(model, tok, compiled, 33, temperature=1.0)
-    run(model, tok, compiled, 33, temperature=1.0, sync_every=8)
-    assert counters["stats"]["unique_graphs"] == 1, {k: dict(v) for k, v in counters.items()}
-    assert not counters["recompiles"], dict(counters["recompiles"])
+    run(model, tok, compiled, 33, temperature=1.0)
+    assert counters["stats"]["unique_graphs"] == first, {k: dict(v) for k, v in counters.items()}
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)])
@@ -72,7 +73,7 @@ def test_host_reads_only_at_all_done_checks(tiny, compiled, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: CUDA-graph replay (reduce-overhead) vs eager")
-def test_compiled_decode_cuda_graphs(tiny, monkeypatch):
+def test_compiled_decode_cuda_graphs(tiny):
     model, tok = tiny
     model = model.cuda()
     decode_fn = make_compiled_decode("cuda")
@@ -80,18 +81,15 @@ def test_compiled_decode_cuda_graphs(tiny, monkeypatch):
     fast = run(model, tok, decode_fn, 24, temperature=1.0)
     assert torch.equal(eager.tokens, fast.tokens)
     assert (eager.logp - fast.logp).abs().max() <= 1e-4
-    def host(x):  # the sampler's one allowed read: syncs inside it are expected
-        torch.cuda.set_sync_debug_mode(0)
+    def checked(*args):  # sync-debug mode around each compiled decode step only: generate's pageable host-to-device
+        # copies (noise, prompts, slot indices at refills) and its periodic host read are outside it
+        torch.cuda.set_sync_debug_mode("error")  # any sync inside the step raises
         try:
-            return x.cpu()
+            return decode_fn(*args)
         finally:
-            torch.cuda.set_sync_debug_mode("error")
-    monkeypatch.setattr(rollout, "_host", host)
-    torch.cuda.set_sync_debug_mode("error")  # any other sync in generate raises
-    try:
-        run(model, tok, decode_fn, 24, temperature=1.0, sync_every=1000)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.set_sync_debug_mode(0)
+    checked_run = run(model, tok, checked, 24, temperature=1.0, sync_every=1000)
+    assert torch.equal(checked_run.tokens, fast.tokens)
     with torch.no_grad():  # graphs replay on live weights, not a snapshot
         model.lm_head.weight.mul_(-1)
     assert not torch.equal(run(model, tok, decode_fn, 24, temperature=1.0).tokens, fast.tokens)

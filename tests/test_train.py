@@ -188,22 +188,24 @@ def test_fsdp_checkpoint_resumes_exactly(setup, tmp_path):
 
 
 def test_sample_mem_gib_chunks_generation_without_changing_it(setup, tmp_path):
-    """--sample_mem_gib reaches generate: a budget of less than one prompt's cache generates one prompt at a time, and
+    """--sample_mem_gib reaches generate: a budget of less than one row's cache decodes one row at a time, and
     the rollouts and rewards are the unchunked ones (each row draws from its own seed); the sampler's log-probs, so
     the mismatch and the parameters, move at float-noise level only (other batch shapes, other summation order)."""
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(setup, a, "--k=4").returncode == 0
-    count = ("import runpy, sys, rollout\n"  # train.py, printing how many prompts each generate chunk had
-             "orig = rollout._generate_chunk\n"
-             "def chunk(model, prompts, *a):\n"
-             "    print('chunk', len(prompts))\n"
-             "    return orig(model, prompts, *a)\n"
-             "rollout._generate_chunk = chunk\n"
+    count = ("import runpy, sys, rollout\n"  # train.py, printing the decode batch rows of each budgeted generate
+             "orig = rollout.generate\n"
+             "def gen(*a, **kw):\n"
+             "    st = kw.setdefault('stats', {})\n"
+             "    ro = orig(*a, **kw)\n"
+             "    if kw.get('mem_budget'): print('rows', st['row_steps'] // max(st['steps'], 1))\n"
+             "    return ro\n"
+             "rollout.generate = gen\n"
              "sys.argv = ['train.py'] + sys.argv[1:]\n"
              "runpy.run_path('train.py', run_name='__main__')\n")
     p = run(setup, b, "--k=4", "--sample_mem_gib=1e-9", "--eval_n=2", script=["-c", count])
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.count("chunk 1\n") == 2 * 8 and "chunk 8" not in p.stdout  # 2 steps x 8 prompts, one at a time
+    assert p.stdout.count("rows 1\n") == 2 and p.stdout.count("rows ") == 2  # 2 steps, one row in the cache at a time
     assert [s.split("| mismatch")[0] for s in steps(a)] == [s.split("| mismatch")[0] for s in steps(b)]
     pa, pb = params(a), params(b)
     assert max((pa[k] - pb[k]).abs().max().item() for k in pa) <= 1e-4
