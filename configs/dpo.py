@@ -9,3 +9,4 @@ prompts_per_step = 32
 prompts_per_update = 32
 lr = 1e-5
 num_steps = 20
+out_dir = "out/dpo"

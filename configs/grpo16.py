@@ -9,3 +9,4 @@ prompts_per_step = 32
 prompts_per_update = 4
 lr = 1.25e-6
 num_steps = 20
+out_dir = "out/grpo16"
