@@ -1,7 +1,7 @@
 """
-Problem sources, and train.py's batches made from sampled groups (collate, micro_batches, at the end). A problem is
-a dict {"prompt": user message text (no chat template), "answer": ground truth} plus a few extra keys ("source", and
-"level"/"key" for synthetic problems).
+Problem sources, and train.py's data: its endless stream of items and its batches of sampled groups (stream, collate,
+micro_batches, at the end). A problem is a dict {"prompt": user message text (no chat template), "answer": ground
+truth} plus a few extra keys ("source", and "level"/"key" for synthetic problems).
 
     from data import load_problems
     load_problems("synthetic:1", split="test", n=200)   # built-in arithmetic, level 1..5 (offline default)
@@ -363,6 +363,16 @@ def check_prompt_lengths(items, tok, max_tokens, where):
 
 # -----------------------------------------------------------------------------
 # training batches: a list of groups (k rollouts of one prompt, or one DPO pair), each group a dict of per-row lists
+def stream(items, pos, n, seed):
+    """Items pos .. pos + n - 1 of an endless stream over items, reshuffled each epoch (seeded), as (position, item)."""
+    out = []
+    for p in range(pos, pos + n):
+        epoch, i = divmod(p, len(items))
+        perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        out.append((p, items[int(perm[i])]))
+    return out
+
+
 ROW_KEYS = ("tokens", "texts", "old_logp", "sampler_logp", "adv", "ref_logp", "rewards")  # a group's per-row lists
 
 

@@ -121,7 +121,8 @@ def die(msg):
 # -----------------------------------------------------------------------------
 # config, distributed setup, device
 from config import check_train, on_ctrl_c, parse_config, prepare_out_dir, resume, save_checkpoint  # noqa: E402
-from data import check_prompt_lengths, collate, load_preferences, load_problems, micro_batches  # noqa: E402
+from data import (check_prompt_lengths, collate, load_preferences, load_problems, micro_batches,  # noqa: E402
+                  stream)
 from eval import evaluate  # noqa: E402
 from loss import (dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, sampler_mismatch,  # noqa: E402
                   seq_logp)
@@ -276,14 +277,10 @@ encode = lru_cache(maxsize=None)(lambda prompt: chat_ids(tok, prompt))  # a prom
 
 
 def next_items(n):
-    """The next n items of the training stream (reshuffled each epoch), as (global index, item); this rank's share
-    (empty on some ranks when n < world: every caller must accept an empty list)."""
-    out = []
-    for _ in range(n):
-        epoch, i = divmod(state["data_pos"], len(train_items))
-        perm = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        out.append((state["data_pos"], train_items[int(perm[i])]))
-        state["data_pos"] += 1
+    """The next n items of the training stream, as (global index, item); this rank's share (empty on some ranks when
+    n < world: every caller must accept an empty list)."""
+    out = stream(train_items, state["data_pos"], n, cfg.seed)
+    state["data_pos"] += n
     return out[rank::world]
 
 
@@ -296,13 +293,13 @@ def all_sum(x, op=dist.ReduceOp.SUM):
     return t.item()
 
 
-def gather(groups):
-    """Every rank's groups, in global prompt order: each rank then splits the same list as one process would."""
+def gather(xs):
+    """Every rank's list xs, one after the other (identity on one process)."""
     if ddp:
         parts = [None] * world
-        dist.all_gather_object(parts, groups)  # under NCCL through torch.cuda.current_device(), set above
-        groups = [g for part in parts for g in part]
-    return sorted(groups, key=lambda g: g["idx"])
+        dist.all_gather_object(parts, xs)  # under NCCL through torch.cuda.current_device(), set above
+        xs = [x for part in parts for x in part]
+    return xs
 
 
 @torch.no_grad()
@@ -424,14 +421,6 @@ def compute_loss(b, norm, first):
     return loss, {key: float(v) for key, v in m.items()}
 
 
-def mini_batch_norm(groups):
-    """The loss divisor of a whole mini-batch, which every rank holds: its pairs (DPO, a mean over pairs) or loss_norm
-    of its rows. Dropped groups are among `groups` only with norm_dropped (loss.py item 4)."""
-    if cfg.algo != "grpo":
-        return len(groups)
-    return loss_norm(collate(groups, pad_id, device)["mask"], cfg.agg, cfg.max_new_tokens)
-
-
 get_batch = offline_batch if cfg.algo == "dpo_offline" else online_batch  # the algorithm is chosen once, here
 
 # -----------------------------------------------------------------------------
@@ -468,7 +457,8 @@ for step in range(start, cfg.num_steps + 1):
     model.eval()
     with gathered():
         groups, stats = get_batch(step)
-    groups = gather(groups)  # the global list, the same on every rank
+    # the global list in prompt order, the same on every rank: each rank then splits it as one process would
+    groups = sorted(gather(groups), key=lambda g: g["idx"])
     model.train()
     sync()
     t1 = time.time()
@@ -487,7 +477,10 @@ for step in range(start, cfg.num_steps + 1):
     for u, mb in enumerate(minis):
         if not any(g["keep"] for g in mb):
             continue  # every group of this mini-batch was dropped: nothing to learn from (same on every rank)
-        norm = mini_batch_norm(mb)
+        # the loss divisor of the whole mini-batch, which every rank holds: its pairs (DPO, a mean over pairs) or
+        # loss_norm of its rows (dropped groups are among mb only with norm_dropped, loss.py item 4)
+        norm = len(mb) if cfg.algo != "grpo" else loss_norm(collate(mb, pad_id, device)["mask"], cfg.agg,
+                                                             cfg.max_new_tokens)
         micros = micro_batches(shards[u], cfg.token_budget, split_groups=cfg.algo == "grpo")
         # FSDP reduce-scatters in every backward: each rank runs as many as the busiest one (extras: a zero loss)
         for i in range(int(all_sum(len(micros), dist.ReduceOp.MAX)) if cfg.fsdp else len(micros)):
@@ -538,11 +531,7 @@ for step in range(start, cfg.num_steps + 1):
     shown += (["clip_dual"] if cfg.dual_clip else []) + (["tis", "tis_capped"] if cfg.tis_cap else [])
     # sampler vs trainer log-probs on the first mini-batch: |diff| mean and max, k3 KL(sampler || trainer)
     mism = f" | mismatch {log['mismatch']:.1e} max {mm_max:.1e} k3 {log['mismatch_k3']:.1e}" if cfg.algo == "grpo" else ""
-    answers = stats.get("answers", [])  # the most frequent answer and its share: a collapse onto one shows here
-    if ddp:
-        parts = [None] * world
-        dist.all_gather_object(parts, answers)
-        answers = [a for part in parts for a in part]
+    answers = gather(stats.get("answers", []))  # the most frequent answer and its share: a collapse onto one shows
     top, n_top = Counter(answers).most_common(1)[0] if answers else (None, 0)
     log["top_share"] = n_top / max(1, len(answers))
     top = f" | top {'none' if top is None else repr(top[:20])} {log['top_share']:.2f}" if answers else ""
