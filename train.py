@@ -531,7 +531,7 @@ for step in range(start, cfg.num_steps + 1):
     shown += (["clip_dual"] if cfg.dual_clip else []) + (["tis", "tis_capped"] if cfg.tis_cap else [])
     # sampler vs trainer log-probs on the first mini-batch: |diff| mean and max, k3 KL(sampler || trainer)
     mism = f" | mismatch {log['mismatch']:.1e} max {mm_max:.1e} k3 {log['mismatch_k3']:.1e}" if cfg.algo == "grpo" else ""
-    answers = gather(stats.get("answers", []))  # the most frequent answer and its share: a collapse onto one shows
+    answers = gather(stats.get("answers", []))  # the top answer and its share: a collapse onto one shows here
     top, n_top = Counter(answers).most_common(1)[0] if answers else (None, 0)
     log["top_share"] = n_top / max(1, len(answers))
     top = f" | top {'none' if top is None else repr(top[:20])} {log['top_share']:.2f}" if answers else ""
