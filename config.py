@@ -1,6 +1,7 @@
 """
-Config for train.py and eval.py: `python train.py [configs/x.py ...] [--key=value ...]`, the checks across keys, and
-the run's files (one trainer per out_dir, no silent overwrite, atomic writes).
+The run's config and files, for train.py and eval.py: `python train.py [configs/x.py ...] [--key=value ...]`, the
+checks across keys, and the files (one trainer per out_dir, no silent overwrite, atomic writes, checkpoints saved,
+loaded safely and resumed, Ctrl-C's note on how to go on).
 
 A config file is plain Python assignments (`k = 16`, `lr = 1e-6`); `--key=value` is parsed with ast.literal_eval,
 falling back to the raw string for str fields. Unknown keys and wrong types are errors that name the closest valid key.
@@ -14,12 +15,18 @@ import fcntl
 import inspect
 import io
 import os
+import random
+import shlex
+import signal
 import socket
 import sys
 import textwrap
 import time
 import tokenize
-from dataclasses import fields
+import zipfile
+from dataclasses import asdict, fields
+
+import torch
 
 # names other frameworks (TRL, verl, HF) use, so a misspelled or foreign key still points at ours
 ALIASES = {"learning_rate": "lr", "num_generations": "k", "group_size": "k", "rollout_n": "k", "max_steps": "num_steps",
@@ -175,6 +182,9 @@ def check_train(cfg):
     if cfg.fsdp and cfg.dtype == "bfloat16" and cfg.sample_dtype in ("float32", "bfloat16_emul"):
         raise ValueError(f"--sample_dtype={cfg.sample_dtype} with --fsdp --dtype=bfloat16: FSDP gathers the weights "
                          "in bf16, so the sampler cannot run in fp32; use --dtype=float32 or drop --sample_dtype")
+    if cfg.fsdp and cfg.compile:
+        raise ValueError("--fsdp=True with --compile=True (FSDP's gathered weights under the compiled decode and "
+                         "training forward: never tested); add --compile=False")
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -258,3 +268,91 @@ def atomic_write(path, write):
             raise OSError(e.errno, f"no space left on {os.path.dirname(os.path.abspath(path))} (writing {path}; "
                                    "the previous file is unchanged)") from None
         raise
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True): tensors, numbers, strings, lists, tuples and dicts only, which is all a training
+    checkpoint holds, so a file from someone else cannot run code while loading. Raises ValueError with one line.
+    Every tensor lands on the CPU, whatever device wrote it (torch.set_rng_state takes only a CPU ByteTensor)."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: anything else is not a checkpoint of ours
+        what = "an empty file" if os.path.isfile(path) and os.path.getsize(path) == 0 else "not a torch.save archive"
+        raise ValueError(f"{path} is not a checkpoint ({what}): corrupt, truncated, or not written by train.py")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no second copy in RAM
+    except Exception as e:
+        lines = [line for line in str(e).splitlines() if line.strip()] or [""]
+        if "Weights only load failed" in lines[0]:  # torch's message: the offending line names the python object
+            why = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1]).strip()
+            raise ValueError(f"{path}: refused to load, it holds python objects that could run code ({why[:200]}); "
+                             "a checkpoint may hold only tensors, numbers, strings, lists and dicts") from None
+        raise ValueError(f"{path}: corrupt or not a checkpoint ({type(e).__name__}: {lines[0][:200]})") from None
+
+
+def save_checkpoint(path, model, optimizer, scheduler, state, cfg, master):
+    """torch.save to a temp file, fsync, then rename: a crash mid-save leaves the previous ckpt.pt intact. FSDP: every
+    rank joins the gather of full tensors, rank 0 writes the same layout as one process (FQN-keyed optimizer state).
+    Raises ValueError with one line (a full disk)."""
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                      cpu_offload=True))
+    else:
+        model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
+    if not master:
+        return
+    ckpt = dict(model=model_sd, optimizer=optim_sd, scheduler=scheduler.state_dict(),
+                state=state, rng=dict(torch=torch.get_rng_state(), python=random.getstate()), config=asdict(cfg))
+    # no CUDA RNG state: nothing draws from it (sampling noise comes from per-row CPU generators, rollout.py)
+    try:
+        atomic_write(path, lambda f: torch.save(ckpt, f))
+    except OSError as e:
+        raise ValueError(f"cannot save {path}: {e.strerror}; fix that, then continue from it with --resume") from None
+
+
+def resume(path, model, optimizer, scheduler, cfg):
+    """Load path into model, optimizer and scheduler, restore the RNGs; returns the loop's state. Raises ValueError
+    with one line: an unreadable checkpoint, or a changed lr / weight_decay."""
+    try:
+        # onto the CPU (mmap: pages shared, no copy), then into place: RNG states stay CPU byte tensors, and with FSDP
+        # each rank moves one full tensor at a time to its GPU and keeps its shard. weights_only: it cannot run code
+        ckpt = load_checkpoint(path)
+        if ckpt.get("config", {}).get("fsdp", False) != cfg.fsdp:  # the optimizer state is keyed differently
+            raise ValueError(f"written with --fsdp={not cfg.fsdp}; resume with that setting")
+        if cfg.fsdp:  # full tensors in the file, each rank keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+    except Exception as e:  # one line: load_checkpoint's own message, or the first line of torch's
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot resume from {path} ({type(e).__name__}: {why}); delete it to start over, or restore "
+                         "a backup") from None
+    # the optimizer's state restores its own lr and weight decay: a changed value would be silently ignored
+    changed = [f"--{key}={getattr(cfg, key)} (checkpoint: {v})" for key, v in ckpt.get("config", {}).items()
+               if key in ("lr", "weight_decay") and v != getattr(cfg, key)]
+    if changed:
+        raise ValueError(f"--resume from {path} with {', '.join(changed)}: the restored optimizer would keep the "
+                         "checkpoint's value; resume with it, or start a new out_dir")
+    del ckpt  # the loaded copies live on in model and optimizer: keeping the file's tensors doubles the memory
+    return state
+
+
+def on_ctrl_c(cfg, ckpt_path, master, steps_done):
+    """Ctrl-C: where the run stopped (steps_done()) and how to go on; exit 130 (128 + SIGINT), no stack trace."""
+    def handler(*_):
+        if master:  # a ckpt.pt in out_dir is this run's (prepare_out_dir refused or removed any other)
+            again = shlex.join(["python"] + sys.argv + ["--resume"] * (not cfg.resume))
+            print(f"\ninterrupted after step {steps_done()} of {cfg.num_steps}; " +
+                  (f"continue from {ckpt_path} with: {again}" if os.path.exists(ckpt_path) else
+                   "no checkpoint written yet (--save_every=N saves every N steps)"), file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    signal.signal(signal.SIGINT, handler)

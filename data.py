@@ -1,6 +1,7 @@
 """
-Problem sources. A problem is a dict {"prompt": user message text (no chat template), "answer": ground truth}
-plus a few extra keys ("source", and "level"/"key" for synthetic problems).
+Problem sources, and train.py's data: its endless stream of items and its batches of sampled groups (stream, collate,
+micro_batches, at the end). A problem is a dict {"prompt": user message text (no chat template), "answer": ground
+truth} plus a few extra keys ("source", and "level"/"key" for synthetic problems).
 
     from data import load_problems
     load_problems("synthetic:1", split="test", n=200)   # built-in arithmetic, level 1..5 (offline default)
@@ -35,6 +36,8 @@ import re
 import socket
 import sys
 import urllib.parse
+
+import torch
 
 from reward import extract_answer
 
@@ -356,3 +359,61 @@ def check_prompt_lengths(items, tok, max_tokens, where):
         raise ValueError(f"{where}: {len(long)} prompt(s) longer than the {max_tokens} tokens the model's context "
                          f"leaves after max_new_tokens, the first {lens[i]} tokens: {items[i]['prompt'][:60]!r}...; "
                          "drop them or lower --max_new_tokens")
+
+
+# -----------------------------------------------------------------------------
+# training batches: a list of groups (k rollouts of one prompt, or one DPO pair), each group a dict of per-row lists
+def stream(items, pos, n, seed):
+    """Items pos .. pos + n - 1 of an endless stream over items, reshuffled each epoch (seeded), as (position, item)."""
+    out = []
+    for p in range(pos, pos + n):
+        epoch, i = divmod(p, len(items))
+        perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        out.append((p, items[int(perm[i])]))
+    return out
+
+
+ROW_KEYS = ("tokens", "texts", "old_logp", "sampler_logp", "adv", "ref_logp", "rewards")  # a group's per-row lists
+
+
+def collate(groups, pad_id, device):
+    """Groups -> padded tensors on device: prompts left-padded, completions right-padded (the sampler's layout)."""
+    keys = ("old_logp", "ref_logp", "sampler_logp")  # per-token lists of every row
+    rows = [(g["prompt"], toks, a, [g[key][j] for key in keys]) for g in groups
+            for j, (toks, a) in enumerate(zip(g["tokens"], g["adv"]))]
+    B, Lp, Tn = len(rows), max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    b = dict(prompt_ids=torch.full((B, Lp), pad_id), prompt_mask=torch.zeros(B, Lp, dtype=torch.bool),
+             tokens=torch.full((B, Tn), pad_id), mask=torch.zeros(B, Tn), **{key: torch.zeros(B, Tn) for key in keys},
+             adv=torch.tensor([r[2] for r in rows], dtype=torch.float32))
+    for i, (p, toks, _, lps) in enumerate(rows):
+        b["prompt_ids"][i, Lp - len(p):] = torch.tensor(p)
+        b["prompt_mask"][i, Lp - len(p):] = True
+        b["tokens"][i, :len(toks)] = torch.tensor(toks)
+        b["mask"][i, :len(toks)] = 1.0
+        for key, lp in zip(keys, lps):
+            b[key][i, :len(toks)] = lp
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def micro_batches(groups, token_budget, split_groups):
+    """Split groups into micro-batches of at most token_budget padded tokens (as collate pads them), similar lengths
+    together. With split_groups (GRPO) a group that alone exceeds the budget is cut into row chunks ("parent", "row0"
+    say where they came from): once adv is set its rows are independent. A DPO pair stays whole (its loss compares the
+    two rows)."""
+    width = lambda g: len(g["prompt"]) + max(len(t) for t in g["tokens"])
+    pieces = []
+    for g in groups:
+        n = len(g["tokens"])
+        rows = max(1, min(n, token_budget // width(g))) if split_groups else n
+        pieces += [g] if rows == n else [dict(g, parent=g, row0=lo, **{key: g[key][lo:lo + rows] for key in ROW_KEYS})
+                                         for lo in range(0, n, rows)]
+    out, cur = [], []
+    for p in sorted(pieces, key=width):
+        new = cur + [p]
+        padded = sum(len(q["tokens"]) for q in new) * (max(len(q["prompt"]) for q in new) +
+                                                        max(len(t) for q in new for t in q["tokens"]))
+        if cur and padded > token_budget:
+            out.append(cur)
+            new = [p]
+        cur = new
+    return out + [cur] if cur else out

@@ -20,13 +20,12 @@ import os
 import signal
 import sys
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from config import atomic_write, check_out_file, parse_config
+from config import atomic_write, check_out_file, load_checkpoint, parse_config
 from data import check_prompt_lengths, load_problems
 from model import chat_ids, from_pretrained, stop_token_ids
 from reward import FALLBACKS, extract_answer, is_equiv, math_reward, normalize_answer
@@ -122,24 +121,6 @@ def evaluate(model, tok, problems, n=1, temperature=0.0, top_p=1.0, top_k=0, max
         metrics["by_source"] = {s: summarize([r for r, ps in zip(per_problem, sources) if ps == s], n, ks)
                                 for s in dict.fromkeys(sources)}
     return metrics
-
-
-def load_checkpoint(path):
-    """torch.load(weights_only=True): tensors, numbers, strings, lists, tuples and dicts only, which is all a training
-    checkpoint holds, so a file from someone else cannot run code while loading. Raises ValueError with one line.
-    Every tensor lands on the CPU, whatever device wrote it (torch.set_rng_state takes only a CPU ByteTensor)."""
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: anything else is not a checkpoint of ours
-        what = "an empty file" if os.path.isfile(path) and os.path.getsize(path) == 0 else "not a torch.save archive"
-        raise ValueError(f"{path} is not a checkpoint ({what}): corrupt, truncated, or not written by train.py")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no second copy in RAM
-    except Exception as e:
-        lines = [line for line in str(e).splitlines() if line.strip()] or [""]
-        if "Weights only load failed" in lines[0]:  # torch's message: the offending line names the python object
-            why = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1]).strip()
-            raise ValueError(f"{path}: refused to load, it holds python objects that could run code ({why[:200]}); "
-                             "a checkpoint may hold only tensors, numbers, strings, lists and dicts") from None
-        raise ValueError(f"{path}: corrupt or not a checkpoint ({type(e).__name__}: {lines[0][:200]})") from None
 
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32):

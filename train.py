@@ -30,14 +30,13 @@ Where this loop departs from verl / TRL (loss.py's docstring lists the loss conv
 import atexit
 import os
 import random
-import shlex
-import signal
 import sys
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -121,9 +120,10 @@ def die(msg):
 
 # -----------------------------------------------------------------------------
 # config, distributed setup, device
-from config import atomic_write, check_train, parse_config, prepare_out_dir  # noqa: E402
-from data import check_prompt_lengths, load_preferences, load_problems  # noqa: E402
-from eval import evaluate, load_checkpoint  # noqa: E402
+from config import check_train, on_ctrl_c, parse_config, prepare_out_dir, resume, save_checkpoint  # noqa: E402
+from data import (check_prompt_lengths, collate, load_preferences, load_problems, micro_batches,  # noqa: E402
+                  stream)
+from eval import evaluate  # noqa: E402
 from loss import (dpo_loss, group_advantages, grpo_loss, informative_groups, loss_norm, sampler_mismatch,  # noqa: E402
                   seq_logp)
 from model import chat_ids, from_pretrained, sampling_copy, stop_token_ids  # noqa: E402
@@ -134,9 +134,6 @@ try:
     cfg = check_train(parse_config(Config(), sys.argv[1:]))
 except (ValueError, FileNotFoundError) as e:
     die(e)
-if cfg.fsdp and cfg.compile:
-    die("--fsdp=True with --compile=True (FSDP's gathered weights under the compiled decode and training forward: "
-        "never tested); add --compile=False")
 if cfg.dry_run:  # memory and step-time plan on cfg.gpus x cfg.gpu, no weights loaded; exits (2 if it cannot fit)
     import plan
     plan.main(cfg)
@@ -172,37 +169,20 @@ try:  # one trainer per out_dir (a lock), no checkpoint replaced unasked, no par
 except ValueError as e:
     die(e)
 log_file = open(os.path.join(cfg.out_dir, "log.txt"), "a") if master else None
-
-
 bar = None  # the tqdm step bar, on an interactive terminal only (in logs and CI its redraws are noise)
 
 
 def print0(*args):
     if master:
         s = " ".join(str(a) for a in args)
-        if bar is not None:
-            tqdm.write(s)  # redraws the bar below the line
-        else:
-            print(s, flush=True)
-        log_file.write(s + "\n")
-        log_file.flush()
+        tqdm.write(s) if bar is not None else print(s, flush=True)  # tqdm.write redraws the bar below the line
+        print(s, file=log_file, flush=True)
 
 
 print0(f"config: {asdict(cfg)}")
 for note in notes:
     print0(f"warning: {note}")
-
-
-def on_sigint(*_):  # Ctrl-C: where the run stopped and how to go on; exit 130 (128 + SIGINT), no stack trace
-    if master:  # a ckpt.pt in out_dir is this run's (prepare_out_dir refused or removed any other)
-        again = shlex.join(["python"] + sys.argv + ["--resume"] * (not cfg.resume))
-        print(f"\ninterrupted after step {globals().get('state', {}).get('step', 0)} of {cfg.num_steps}; " +
-              (f"continue from {ckpt_path} with: {again}" if os.path.exists(ckpt_path) else
-               "no checkpoint written yet (--save_every=N saves every N steps)"), file=sys.stderr, flush=True)
-    raise SystemExit(130)
-
-
-signal.signal(signal.SIGINT, on_sigint)
+on_ctrl_c(cfg, ckpt_path, master, lambda: globals().get("state", {}).get("step", 0))  # exit 130, how to resume
 
 # -----------------------------------------------------------------------------
 # model, reference, data, optimizer
@@ -247,7 +227,6 @@ one_token = torch.zeros(1, 1, dtype=torch.long, device=device)  # FSDP's throwaw
 if cfg.fsdp:  # FSDP2: one unit per block, and the root (embeddings, final norm, lm_head; the scorer calls lm_head
     # after forward, so the root stays unsharded until backward). bf16 weights in compute with --dtype=bfloat16, fp32
     # gradient reduction
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None,
                               reduce_dtype=torch.float32)
@@ -283,78 +262,25 @@ scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(1.0, (it
 state = dict(step=0, data_pos=0, rollouts=0, wall=0.0, eval0=None, eval_last=None)  # everything the loop carries across steps
 
 if cfg.resume and os.path.exists(ckpt_path):
-    try:
-        # onto the CPU (mmap: pages shared, no copy), then into place: RNG states stay CPU byte tensors, and with FSDP
-        # each rank moves one full tensor at a time to its GPU and keeps its shard. weights_only: it cannot run code
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("config", {}).get("fsdp", False) != cfg.fsdp:  # the optimizer state is keyed differently
-            raise ValueError(f"written with --fsdp={not cfg.fsdp}; resume with that setting")
-        if cfg.fsdp:  # full tensors in the file, each rank keeps its shard
-            set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = ckpt["state"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-    except Exception as e:  # one line: load_checkpoint's own message, or the first line of torch's
-        why = (str(e).strip().splitlines() or [""])[0]
-        die(f"cannot resume from {ckpt_path} ({type(e).__name__}: {why}); delete it to start over, or restore a backup")
-    # the optimizer's state restores its own lr and weight decay: a changed value would be silently ignored
-    changed = [f"--{key}={getattr(cfg, key)} (checkpoint: {v})" for key, v in ckpt.get("config", {}).items()
-               if key in ("lr", "weight_decay") and v != getattr(cfg, key)]
-    if changed:
-        die(f"--resume from {ckpt_path} with {', '.join(changed)}: the restored optimizer would keep the checkpoint's "
-            "value; resume with it, or start a new out_dir")
-    del ckpt  # the loaded copies live on in model and optimizer: keeping the file's tensors doubles the memory
+    try:  # weights, optimizer, scheduler, RNGs; refuses a changed lr / weight_decay
+        state = resume(ckpt_path, model, optimizer, scheduler, cfg)
+    except ValueError as e:
+        die(e)
     print0(f"resumed from {ckpt_path} at step {state['step']}")
-
-
-def save_checkpoint():
-    """torch.save to a temp file, fsync, then rename: a crash mid-save leaves the previous ckpt.pt intact. FSDP: every
-    rank joins the gather of full tensors, rank 0 writes the same layout as one process (FQN-keyed optimizer state)."""
-    if cfg.fsdp:
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                      cpu_offload=True))
-    else:
-        model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
-    if not master:
-        return
-    ckpt = dict(model=model_sd, optimizer=optim_sd, scheduler=scheduler.state_dict(),
-                state=state, rng=dict(torch=torch.get_rng_state(), python=random.getstate()), config=asdict(cfg))
-    # no CUDA RNG state: nothing draws from it (sampling noise comes from per-row CPU generators, rollout.py)
-    try:
-        atomic_write(ckpt_path, lambda f: torch.save(ckpt, f))
-    except OSError as e:
-        die(f"cannot save {ckpt_path}: {e.strerror}; fix that, then continue from it with --resume")
-
-
 if cfg.wandb and master:
     import wandb
     wandb.init(project=cfg.wandb_project, name=cfg.run_name or None, config=asdict(cfg), dir=cfg.out_dir)
 
 # -----------------------------------------------------------------------------
 # batches: a list of groups (k rollouts of one prompt, or one DPO pair), each group a dict of per-row lists
-_encoded = {}
-
-
-def encode(prompt):
-    if prompt not in _encoded:
-        _encoded[prompt] = chat_ids(tok, prompt)
-    return _encoded[prompt]
+encode = lru_cache(maxsize=None)(lambda prompt: chat_ids(tok, prompt))  # a prompt's chat-template ids, once
 
 
 def next_items(n):
-    """The next n items of the training stream (reshuffled each epoch), as (global index, item); this rank's share
-    (empty on some ranks when n < world: every caller must accept an empty list)."""
-    out = []
-    for _ in range(n):
-        epoch, i = divmod(state["data_pos"], len(train_items))
-        perm = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        out.append((state["data_pos"], train_items[int(perm[i])]))
-        state["data_pos"] += 1
+    """The next n items of the training stream, as (global index, item); this rank's share (empty on some ranks when
+    n < world: every caller must accept an empty list)."""
+    out = stream(train_items, state["data_pos"], n, cfg.seed)
+    state["data_pos"] += n
     return out[rank::world]
 
 
@@ -367,65 +293,20 @@ def all_sum(x, op=dist.ReduceOp.SUM):
     return t.item()
 
 
-def gather(groups):
-    """Every rank's groups, in global prompt order: each rank then splits the same list as one process would."""
+def gather(xs):
+    """Every rank's list xs, one after the other (identity on one process)."""
     if ddp:
         parts = [None] * world
-        dist.all_gather_object(parts, groups)  # under NCCL through torch.cuda.current_device(), set above
-        groups = [g for part in parts for g in part]
-    return sorted(groups, key=lambda g: g["idx"])
-
-
-ROW_KEYS = ("tokens", "texts", "old_logp", "sampler_logp", "adv", "ref_logp", "rewards")  # a group's per-row lists
-
-
-def collate(groups):
-    """Groups -> padded tensors on device: prompts left-padded, completions right-padded (the sampler's layout)."""
-    keys = ("old_logp", "ref_logp", "sampler_logp")  # per-token lists of every row
-    rows = [(g["prompt"], toks, a, [g[key][j] for key in keys]) for g in groups
-            for j, (toks, a) in enumerate(zip(g["tokens"], g["adv"]))]
-    B, Lp, Tn = len(rows), max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    b = dict(prompt_ids=torch.full((B, Lp), pad_id), prompt_mask=torch.zeros(B, Lp, dtype=torch.bool),
-             tokens=torch.full((B, Tn), pad_id), mask=torch.zeros(B, Tn), **{key: torch.zeros(B, Tn) for key in keys},
-             adv=torch.tensor([r[2] for r in rows], dtype=torch.float32))
-    for i, (p, toks, _, lps) in enumerate(rows):
-        b["prompt_ids"][i, Lp - len(p):] = torch.tensor(p)
-        b["prompt_mask"][i, Lp - len(p):] = True
-        b["tokens"][i, :len(toks)] = torch.tensor(toks)
-        b["mask"][i, :len(toks)] = 1.0
-        for key, lp in zip(keys, lps):
-            b[key][i, :len(toks)] = lp
-    return {k: v.to(device) for k, v in b.items()}
-
-
-def micro_batches(groups):
-    """Split groups into micro-batches of at most token_budget padded tokens (as collate pads them), similar lengths
-    together. A GRPO group that alone exceeds the budget is cut into row chunks ("parent", "row0" say where they came
-    from): once adv is set its rows are independent. A DPO pair stays whole (its loss compares the two rows)."""
-    width = lambda g: len(g["prompt"]) + max(len(t) for t in g["tokens"])
-    pieces = []
-    for g in groups:
-        n = len(g["tokens"])
-        rows = max(1, min(n, cfg.token_budget // width(g))) if cfg.algo == "grpo" else n
-        pieces += [g] if rows == n else [dict(g, parent=g, row0=lo, **{key: g[key][lo:lo + rows] for key in ROW_KEYS})
-                                         for lo in range(0, n, rows)]
-    out, cur = [], []
-    for p in sorted(pieces, key=width):
-        new = cur + [p]
-        padded = sum(len(q["tokens"]) for q in new) * (max(len(q["prompt"]) for q in new) +
-                                                        max(len(t) for q in new for t in q["tokens"]))
-        if cur and padded > cfg.token_budget:
-            out.append(cur)
-            new = [p]
-        cur = new
-    return out + [cur] if cur else out
+        dist.all_gather_object(parts, xs)  # under NCCL through torch.cuda.current_device(), set above
+        xs = [x for part in parts for x in part]
+    return xs
 
 
 @torch.no_grad()
 def add_logp(groups, net, key):
     """Score every row's tokens with net (no grad, the trainer's dtype) into g[key]: ref_logp, or old_logp recomputed."""
-    for mb in micro_batches(groups):
-        b = collate(mb)
+    for mb in micro_batches(groups, cfg.token_budget, split_groups=cfg.algo == "grpo"):
+        b = collate(mb, pad_id, device)
         with ctx:
             lp = completion_logprobs(net, b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"],
                                      cfg.temperature if cfg.algo == "grpo" else 1.0).float().cpu()
@@ -540,14 +421,6 @@ def compute_loss(b, norm, first):
     return loss, {key: float(v) for key, v in m.items()}
 
 
-def mini_batch_norm(groups):
-    """The loss divisor of a whole mini-batch, which every rank holds: its pairs (DPO, a mean over pairs) or loss_norm
-    of its rows. Dropped groups are among `groups` only with norm_dropped (loss.py item 4)."""
-    if cfg.algo != "grpo":
-        return len(groups)
-    return loss_norm(collate(groups)["mask"], cfg.agg, cfg.max_new_tokens)
-
-
 get_batch = offline_batch if cfg.algo == "dpo_offline" else online_batch  # the algorithm is chosen once, here
 
 # -----------------------------------------------------------------------------
@@ -572,7 +445,10 @@ for step in range(start, cfg.num_steps + 1):
         if cfg.wandb and master:
             wandb.log({"eval/acc": res["acc"], "eval/trunc": res["trunc"], "eval/len": res["len"]}, step=step)
     if (master or cfg.fsdp) and step > start and (last_step or (cfg.save_every and step % cfg.save_every == 0)):
-        save_checkpoint()
+        try:  # atomic; FSDP: every rank joins the gather, rank 0 writes
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, state, cfg, master)
+        except ValueError as e:
+            die(e)
     if last_step:
         break
 
@@ -581,7 +457,8 @@ for step in range(start, cfg.num_steps + 1):
     model.eval()
     with gathered():
         groups, stats = get_batch(step)
-    groups = gather(groups)  # the global list, the same on every rank
+    # the global list in prompt order, the same on every rank: each rank then splits it as one process would
+    groups = sorted(gather(groups), key=lambda g: g["idx"])
     model.train()
     sync()
     t1 = time.time()
@@ -600,12 +477,15 @@ for step in range(start, cfg.num_steps + 1):
     for u, mb in enumerate(minis):
         if not any(g["keep"] for g in mb):
             continue  # every group of this mini-batch was dropped: nothing to learn from (same on every rank)
-        norm = mini_batch_norm(mb)
-        micros = micro_batches(shards[u])
+        # the loss divisor of the whole mini-batch, which every rank holds: its pairs (DPO, a mean over pairs) or
+        # loss_norm of its rows (dropped groups are among mb only with norm_dropped, loss.py item 4)
+        norm = len(mb) if cfg.algo != "grpo" else loss_norm(collate(mb, pad_id, device)["mask"], cfg.agg,
+                                                             cfg.max_new_tokens)
+        micros = micro_batches(shards[u], cfg.token_budget, split_groups=cfg.algo == "grpo")
         # FSDP reduce-scatters in every backward: each rank runs as many as the busiest one (extras: a zero loss)
         for i in range(int(all_sum(len(micros), dist.ReduceOp.MAX)) if cfg.fsdp else len(micros)):
             if i < len(micros):
-                loss, m = compute_loss(collate(micros[i]), norm, not updated)
+                loss, m = compute_loss(collate(micros[i], pad_id, device), norm, not updated)
                 mets.append(m)
             else:
                 loss = model(one_token).sum() * 0
@@ -651,11 +531,7 @@ for step in range(start, cfg.num_steps + 1):
     shown += (["clip_dual"] if cfg.dual_clip else []) + (["tis", "tis_capped"] if cfg.tis_cap else [])
     # sampler vs trainer log-probs on the first mini-batch: |diff| mean and max, k3 KL(sampler || trainer)
     mism = f" | mismatch {log['mismatch']:.1e} max {mm_max:.1e} k3 {log['mismatch_k3']:.1e}" if cfg.algo == "grpo" else ""
-    answers = stats.get("answers", [])  # the most frequent answer and its share: a collapse onto one shows here
-    if ddp:
-        parts = [None] * world
-        dist.all_gather_object(parts, answers)
-        answers = [a for part in parts for a in part]
+    answers = gather(stats.get("answers", []))  # the top answer and its share: a collapse onto one shows here
     top, n_top = Counter(answers).most_common(1)[0] if answers else (None, 0)
     log["top_share"] = n_top / max(1, len(answers))
     top = f" | top {'none' if top is None else repr(top[:20])} {log['top_share']:.2f}" if answers else ""

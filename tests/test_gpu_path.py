@@ -70,7 +70,7 @@ def test_resume_onto_a_device_that_is_not_the_cpu(tiny, tmp_path):
     """The checkpoint is read onto the CPU and moved where it belongs: RNG states stay CPU byte tensors. On 8719fb2
     it was read onto `device`, and on CUDA torch.set_rng_state raised "RNG state must be a torch.ByteTensor". Here
     --device=meta stands in for cuda: a resume at the last step loads everything and runs no forward."""
-    from eval import load_checkpoint
+    from config import load_checkpoint
     base = [sys.executable, "train.py", f"--model={tiny['model']}", f"--data={tiny['data']}", f"--out_dir={tmp_path}",
             "--prompts_per_step=2", "--prompts_per_update=2", "--max_new_tokens=4", "--num_steps=1", "--eval_n=2",
             "--eval_every=0", "--threads=1"]

@@ -215,7 +215,7 @@ def test_non_utf8_data_names_the_file(tmp_path):
 @pytest.mark.parametrize("content,what", [(b"", "an empty file"), (bytes(range(256)) * 16, "not a torch.save archive")],
                          ids=["empty", "random"])
 def test_a_file_that_is_not_a_checkpoint_says_so(setup, tmp_path, content, what):
-    from eval import load_checkpoint
+    from config import load_checkpoint
     (tmp_path / "ckpt.pt").write_bytes(content)
     with pytest.raises(ValueError) as e:
         load_checkpoint(str(tmp_path / "ckpt.pt"))
