@@ -65,7 +65,7 @@ def attn_mask(valid, q_start, Tq):
     row (NaN). Bool (B, 1, Tq, S) for SDPA, or on CUDA (model.use_flex) a FlexAttention BlockMask, whose blocks past
     each row's last query column are empty, so the kernel skips (never reads) them."""
     B, S = valid.shape
-    q0 = valid.new_zeros(B, dtype=torch.long) + q_start  # (B,)
+    q0 = q_start if torch.is_tensor(q_start) else valid.new_full((B,), q_start, dtype=torch.long)  # (B,)
     if use_flex(valid.device):  # each query block reads key blocks 0 .. the one holding its last query's column
         valid = valid.contiguous()  # inductor's CPU Flex kernel refuses strided (sliced / expanded) mask inputs
         nq, nk, dev = -(-Tq // FLEX_BLOCK), -(-S // FLEX_BLOCK), valid.device
