@@ -284,7 +284,7 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
             steps, row_steps = steps + 1, row_steps + R
     h = _host(torch.cat([done_rows[:B], mask[:B, :n].any(0)]))  # (B + n,) which rows stopped, which columns any row reached
     Tn = int(h[B:].nonzero().max()) + 1 if h[B:].any() else 0  # drop columns no row reached
-    if stats is not None:  # decode forwards, rows and rows x key columns they computed, tokens, compiled shapes
+    if stats is not None:  # decode forwards, rows, sum of rows x key columns attention read, tokens, compiled shapes
         new = dict(steps=steps, row_steps=row_steps, key_cols=key_cols, tokens=int(_host(mask[:B].sum())),
                    graphs=len(shapes) if decode_fn else 0)
         stats.update({key: stats.get(key, 0) + v for key, v in new.items()})
