@@ -252,7 +252,7 @@ class Transformer(nn.Module):
     def forward(self, ids, pos=None, mask=None, cache=None, slot=0, hidden=False):
         """
         ids (B, T) token ids. pos (B, T) RoPE positions, default 0..T-1. mask (B, 1, T, S) bool, True = may attend,
-        default causal. cache: a KVCache whose columns [slot, slot+T) receive this chunk's keys/values.
+        or its FlexAttention BlockMask (rollout.attn_mask makes either), default causal. cache: a KVCache whose columns [slot, slot+T) receive this chunk's keys/values.
         Returns logits (B, T, V) in the compute dtype, or the final normed hidden states (B, T, D) if hidden=True.
         """
         B, T = ids.shape
