@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # An optional second real model: a third-party Q4_K_M repack of Qwen2.5-Coder-0.5B-Instruct (no licence in its
@@ -29,6 +30,18 @@ QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
 QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "nanogrpo")
 SUPPORTED = ("llama", "qwen2", "qwen3")
+# Masked attention (padding, a cache) runs FlexAttention on CUDA, where SDPA with a bool mask and GQA falls back to
+# the MATH kernel (gpu-audit item 10), and SDPA elsewhere (the CPU has a masked flash kernel, and Flex no CPU
+# backward). None: by device; True / False force it (tests run the CUDA path on a CPU, without grad).
+FLEX = None
+FLEX_BLOCK = 128  # key columns per block: Flex skips blocks no query may see (columns not written yet)
+_flex = torch.compile(flex_attention)  # uncompiled Flex is a slow reference; nested in a compiled decode it inlines
+
+
+def use_flex(device):
+    device = torch.device(device)
+    on = FLEX if FLEX is not None else device.type == "cuda"
+    return on and not (device.type == "cpu" and torch.is_grad_enabled())
 
 
 @dataclass
@@ -191,9 +204,11 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, hd)
         if cache is not None:
             k, v = cache.update(layer, slot, k, v)  # (B, Hkv, S, hd)
-            k, v = k[:, :, :mask.size(-1)].to(q.dtype), v[:, :, :mask.size(-1)].to(q.dtype)  # keys the mask covers
-        # mask None means plain causal over this chunk (training / uncached forward)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv)
+            k, v = k[:, :, :mask.shape[-1]].to(q.dtype), v[:, :, :mask.shape[-1]].to(q.dtype)  # keys the mask covers
+        if isinstance(mask, BlockMask):  # rollout.attn_mask on CUDA: fused, reads only the blocks the mask opens
+            y = _flex(q, k, v, block_mask=mask, enable_gqa=H != Hkv)
+        else:  # mask None means plain causal over this chunk (training / uncached forward)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv)
         return linear(y.transpose(1, 2).reshape(B, T, H * hd), self.o_proj)
 
 
@@ -237,7 +252,7 @@ class Transformer(nn.Module):
     def forward(self, ids, pos=None, mask=None, cache=None, slot=0, hidden=False):
         """
         ids (B, T) token ids. pos (B, T) RoPE positions, default 0..T-1. mask (B, 1, T, S) bool, True = may attend,
-        default causal. cache: a KVCache whose columns [slot, slot+T) receive this chunk's keys/values.
+        or its FlexAttention BlockMask (rollout.attn_mask makes either), default causal. cache: a KVCache whose columns [slot, slot+T) receive this chunk's keys/values.
         Returns logits (B, T, V) in the compute dtype, or the final normed hidden states (B, T, D) if hidden=True.
         """
         B, T = ids.shape
@@ -274,17 +289,19 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 def attention_backends(cfg, rows=4, q_len=16, keys=256, device="cuda", dtype=torch.bfloat16):
-    """{call: kernel} that torch's SDPA dispatch picks for each way the model calls attention at these sizes: decode
-    (1 query, bool mask), prefill and the shared-prompt scorer (q_len queries, bool mask), training without padding
-    (is_causal, no mask). "MATH" is the slow fallback (fp32 upcast, K/V repeated to every head, O(T^2) fp32 scores).
-    For a GPU check: on CUDA masked GQA attention is expected to hit MATH (gpu-audit item 10)."""
+    """{call: kernel} for each way the model calls attention at these sizes: decode (1 query, masked), prefill and the
+    shared-prompt scorer (q_len queries, masked), training without padding (is_causal, no mask). Masked calls are
+    "FLEX" where use_flex(device) (FlexAttention, a fused kernel), else the kernel torch's SDPA dispatch picks for a
+    bool mask; "MATH" is SDPA's slow fallback (fp32 upcast, K/V repeated to every head, O(T^2) fp32 scores), which
+    masked GQA SDPA hits on CUDA (gpu-audit item 10)."""
     from torch.nn.attention import SDPBackend
     H, Hkv = cfg.n_heads, cfg.n_kv_heads
     x = lambda h, t: torch.zeros(rows, h, t, cfg.head_dim, device=device, dtype=dtype)
     m = lambda t: torch.ones(rows, 1, t, keys, dtype=torch.bool, device=device)
     calls = dict(decode=(x(H, 1), m(1)), prefill_scorer=(x(H, q_len), m(q_len)), train_causal=(x(H, keys), None))
-    return {name: SDPBackend(torch._fused_sdp_choice(q, x(Hkv, keys), x(Hkv, keys), attn_mask=mask,
-                                                     is_causal=mask is None, enable_gqa=H != Hkv)).name
+    return {name: "FLEX" if mask is not None and use_flex(device) else
+            SDPBackend(torch._fused_sdp_choice(q, x(Hkv, keys), x(Hkv, keys), attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=H != Hkv)).name
             for name, (q, mask) in calls.items()}
 
 # -----------------------------------------------------------------------------

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, linear
+from torch.nn.attention.flex_attention import BlockMask
+
+from model import FLEX_BLOCK, KVCache, linear, use_flex
 
 
 @dataclass
@@ -58,11 +60,22 @@ def shared_prefix_len(prompts):
 
 
 def attn_mask(valid, q_start, Tq):
-    """Bool mask (B, 1, Tq, S) for queries at columns q_start..q_start+Tq-1 over keys 0..S-1 (S = valid.size(1)):
-    causal, pad keys hidden, and the diagonal always open so pad queries never see an all-masked row (NaN)."""
-    S = valid.size(1)
+    """Mask for queries at columns q_start..q_start+Tq-1 (q_start an int, or (B,) per row) over keys 0..S-1
+    (S = valid.size(1)): causal, pad keys hidden, and the diagonal always open so pad queries never see an all-masked
+    row (NaN). Bool (B, 1, Tq, S) for SDPA, or on CUDA (model.use_flex) a FlexAttention BlockMask, whose blocks past
+    each row's last query column are empty, so the kernel skips (never reads) them."""
+    B, S = valid.shape
+    q0 = q_start if torch.is_tensor(q_start) else valid.new_full((B,), q_start, dtype=torch.long)  # (B,)
+    if use_flex(valid.device):  # each query block reads key blocks 0 .. the one holding its last query's column
+        valid = valid.contiguous()  # inductor's CPU Flex kernel refuses strided (sliced / expanded) mask inputs
+        nq, nk, dev = -(-Tq // FLEX_BLOCK), -(-S // FLEX_BLOCK), valid.device
+        last = q0[:, None] + (torch.arange(1, nq + 1, device=dev) * FLEX_BLOCK).clamp(max=Tq) - 1  # (B, nq)
+        n = (last // FLEX_BLOCK + 1).clamp(max=nk).to(torch.int32)[:, None]  # (B, 1, nq)
+        idx = torch.arange(nk, device=dev, dtype=torch.int32).expand(B, 1, nq, nk).contiguous()
+        keep = lambda b, h, q, kv: (kv <= q0[b] + q) & valid[b, kv] | (kv == q0[b] + q)
+        return BlockMask.from_kv_blocks(n, idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=keep, seq_lengths=(Tq, S))
     kcol = torch.arange(S, device=valid.device)
-    qcol = torch.arange(q_start, q_start + Tq, device=valid.device)[:, None]
+    qcol = q0[:, None, None] + torch.arange(Tq, device=valid.device)[:, None]  # (B, Tq, 1)
     return ((kcol <= qcol) & valid[:, None, :] | (kcol == qcol))[:, None]
 
 
@@ -146,8 +159,7 @@ def decode_step(model, tok, pos, valid, cache, col, u, done, stop, pad_id, tempe
     """Feed tok (B,) at RoPE positions pos (B,) into cache columns col (B,), then sample_step on the logits.
     valid (B, W): key columns that hold tokens (those past each row's col are masked here). col is a tensor and the
     cache is written in place, so one compiled graph (make_compiled_decode) serves every step of a (B, W) shape."""
-    mask = (valid & (torch.arange(valid.size(1), device=valid.device) <= col[:, None]))[:, None, None]  # (B, 1, 1, W)
-    logits = model(tok[:, None], pos[:, None], mask, cache, col)[:, -1].float()  # (B, V)
+    logits = model(tok[:, None], pos[:, None], attn_mask(valid, col, 1), cache, col)[:, -1].float()  # (B, V)
     return sample_step(logits, u, done, stop, pad_id, temperature, top_k, top_p)
 
 
@@ -203,7 +215,7 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
     valid = torch.ones((R, S), dtype=torch.bool, device=device)  # (R, S) key columns holding tokens
     tok, pos, col, t = torch.zeros((4, R), dtype=torch.long, device=device)
     row, done = torch.full((R,), B, device=device), torch.ones(R, dtype=torch.bool, device=device)
-    owner, tt, start, nxt, group = [None] * R, [0] * R, [0] * R, 0, {}  # host mirror of the slots; the queue head
+    owner, tt, hc, nxt, group = [None] * R, [0] * R, [0] * R, 0, {}  # host mirror of the slots (hc: col); queue head
 
     def fill(free):
         """Queued rows into free slots: their prompt's keys/values and first token (sampled from its logits)."""
@@ -230,9 +242,10 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
             x, lp, d = sample_step(logits[pp], noise[rr, 0], done[ss] & False, stop, pad_id, temperature, top_k, top_p)
             tokens[rr, 0], logp[rr, 0], mask[rr, 0], tok[ss], done[ss] = x, lp, 1.0, x, d
             for s, r in zip(hs, hr):
-                owner[s], tt[s], start[s] = r, 1, Lp
+                owner[s], tt[s], hc[s] = r, 1, Lp
 
     fill(list(range(R)) if B else [])
+    flex = use_flex(device)
     shapes, steps, row_steps, key_cols, first = set(), 0, 0, 0, True
     while any(o is not None for o in owner):
         if not first or n == 1:  # the loop's only host read: which rows stopped (or reached n tokens)
@@ -241,9 +254,9 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
             if free:
                 fin = dev(free)
                 done_rows[row[fin]] = done[fin]
-                row[fin], done[fin], valid[fin] = B, True, True  # idle: writes go to the scratch row
+                row[fin], done[fin], valid[fin], col[fin] = B, True, True, 0  # idle: scratch row, cache column 0 on
                 for s in free:
-                    owner[s] = None
+                    owner[s], hc[s] = None, 0
                 fill(free)
             live = [s for s in range(R) if owner[s] is not None]
             if not live:
@@ -253,23 +266,25 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
                 idx = dev(keep)
                 cache.k, cache.v = cache.k[:, idx], cache.v[:, idx]
                 valid, tok, pos, col, t, row, done = (x[idx] for x in (valid, tok, pos, col, t, row, done))
-                owner, tt, start = ([x[s] for s in keep] for x in (owner, tt, start))
+                owner, tt, hc = ([x[s] for s in keep] for x in (owner, tt, hc))
                 R = len(keep)
         first = False
         for _ in range(min(sync_every or (1 if device.type == "cpu" else 16),
                            min(n - tt[s] for s in range(R) if owner[s] is not None))):
-            W = S if decode_fn else max(start[s] + tt[s] for s in range(R) if owner[s] is not None)
+            W = S if decode_fn else max(hc[s] + 1 for s in range(R) if owner[s] is not None)
             shapes.add((R, W))
             x, lp, d = (decode_fn or decode_step)(model, tok, pos, valid[:, :W], cache, col, noise[row, t.clamp(max=n - 1)],
                                                   done, stop, pad_id, temperature, top_k, top_p)
             mask[row, t] = (~done).float()
             tokens[row, t], logp[row, t], tok, done = x, lp, x, d
             pos, col, t = pos + 1, (col + 1).clamp(max=S - 1), (t + 1).clamp(max=n)
-            tt = [x + 1 for x in tt]
-            steps, row_steps, key_cols = steps + 1, row_steps + R, key_cols + R * W
+            # keys attention reads: all W columns (SDPA), or each row's columns 0..col in whole blocks (Flex)
+            key_cols += sum(min(-(-(c + 1) // FLEX_BLOCK) * FLEX_BLOCK, W) for c in hc) if flex else R * W
+            tt, hc = [x + 1 for x in tt], [min(c + 1, S - 1) for c in hc]
+            steps, row_steps = steps + 1, row_steps + R
     h = _host(torch.cat([done_rows[:B], mask[:B, :n].any(0)]))  # (B + n,) which rows stopped, which columns any row reached
     Tn = int(h[B:].nonzero().max()) + 1 if h[B:].any() else 0  # drop columns no row reached
-    if stats is not None:  # decode forwards, rows and rows x key columns they computed, tokens, compiled shapes
+    if stats is not None:  # decode forwards, rows, sum of rows x key columns attention read, tokens, compiled shapes
         new = dict(steps=steps, row_steps=row_steps, key_cols=key_cols, tokens=int(_host(mask[:B].sum())),
                    graphs=len(shapes) if decode_fn else 0)
         stats.update({key: stats.get(key, 0) + v for key, v in new.items()})

@@ -217,11 +217,24 @@ def test_attention_backends_names_a_kernel_per_call(tiny):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: SDPA kernel choice")
 @pytest.mark.parametrize("call", ["decode", "prefill_scorer", "train_causal"])
 def test_cuda_attention_is_fused(call):
-    """Qwen2.5-Math-1.5B's attention shape in bf16. The masked GQA calls are expected to fall back to MATH until
-    they move to FlexAttention or a mask-free layout (issue 22): xfail, strict, so fixing them shows."""
+    """Qwen2.5-Math-1.5B's attention shape in bf16: no call picks SDPA's MATH fallback (masked calls are FLEX)."""
     from model import ModelConfig, attention_backends
     cfg = ModelConfig(n_heads=12, n_kv_heads=2, head_dim=128)
-    got = attention_backends(cfg, rows=8, q_len=64, keys=1024)[call]
-    if call != "train_causal" and got == "MATH":
-        pytest.xfail("masked GQA SDPA picks the math kernel on CUDA (gpu-audit item 10)")
-    assert got != "MATH", got
+    assert attention_backends(cfg, rows=8, q_len=64, keys=1024)[call] != "MATH"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: SDPA kernel choice")
+def test_cuda_paths_run_without_math(tiny_dir):
+    """Every attention call of the sampler (prefill, compiled decode) and the scorer (shared-prefix and plain, with
+    backward) on CUDA in bf16 on a tiny GQA model, under sdpa_kernel without MATH: an SDPA call that would fall back
+    raises. Left-padded prompts, so the masked paths run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from rollout import completion_logprobs, make_compiled_decode
+    model, _ = from_pretrained(tiny_dir("qwen3"), device="cuda", dtype=torch.bfloat16)
+    prompts = [[5, 6, 7, 8, 9] * 4, [5, 6, 7, 11], [5, 6, 7, 12, 13, 14, 15, 16, 17]]
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        ro = generate(model, prompts, k=2, max_new_tokens=8, decode_fn=make_compiled_decode("cuda"))
+        for share in (True, False):
+            lp = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, share_prompts=share)
+            lp.sum().backward()
+            assert torch.isfinite(lp).all()
