@@ -244,14 +244,13 @@ def part_attention(a):
         if not any(key.startswith(phase) for key in seen):
             emit(f"SDPA {phase.removesuffix(' T=')}", "info", "no F.scaled_dot_product_attention call here (another "
                  "attention op, e.g. FlexAttention: its kernel is not checked by this part)")
-    fn = getattr(rollout, "attention_backends", None)  # the sampler's own report, where it has one
-    if fn is not None:
-        have = dict(model=sampler, device=dev, dtype=torch.bfloat16, cfg=cfg)
-        try:
-            emit("rollout.attention_backends", "info", str(fn(**{k: v for k, v in have.items()
-                                                                if k in inspect.signature(fn).parameters}))[:300])
-        except Exception as e:
-            emit("rollout.attention_backends", "FAIL", f"{type(e).__name__}: {str(e)[:200]}")
+    import model as model_py  # the model's own report: FLEX where FlexAttention runs (CUDA), else SDPA's choice
+    try:
+        for call, kernel in model_py.attention_backends(cfg, device=dev, dtype=torch.bfloat16).items():
+            emit(f"kernel {call}", ("pass" if kernel != "MATH" else "FAIL") if cuda else
+                 "skipped: no CUDA (the CPU's choice shown)", kernel)
+    except Exception as e:
+        emit("model.attention_backends", "FAIL", f"{type(e).__name__}: {str(e)[:200]}")
 
 
 # CPU only: torch.compile's graph capture (dynamo) without inductor, whose builds take minutes on a small CPU

@@ -15,17 +15,14 @@ import re
 import shlex
 import subprocess
 import sys
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", "results/README.md")
-# scripts the READMEs may name; a missing one fails, except one that another branch adds (PENDING: it is skipped
-# with a reason, visible in `pytest -rs`; delete it from PENDING once the script is merged)
+# scripts the READMEs may name; a missing one fails
 SCRIPTS = {"train.py", "eval.py", "bench.py", "experiments.py", "covariance.py", "gpucheck.py", "dev/bench_sync.py"}
-PENDING = {"gpucheck.py"}
 # runs whose stored train.py args differ from their folder's command, and why (results/README.md section 5)
 KNOWN = {("ablations/control", "grpo16_s2.json"): ("--threads=1", "--threads=2")}  # run at 2 threads
 
@@ -121,7 +118,7 @@ def check_argv(argv):
     if script not in SCRIPTS:
         return f"{script} is not in tests/test_readme.py's SCRIPTS: add it, with how to check its arguments"
     if not os.path.exists(os.path.join(ROOT, script)):
-        return f"{script} does not exist" + ("" if script not in PENDING else " yet (PENDING: another branch adds it)")
+        return f"{script} does not exist"
     stop = "--help"
     if script == "train.py" or (script == "experiments.py" and not {"--difficulty", "--report_only"} & set(args)):
         stop = "--dry_run"  # the plan / the grid, printed before any weights load
@@ -155,9 +152,6 @@ def test_readme_command_parses(argv, readme_runs):
             assert a.startswith("-") or os.path.exists(os.path.join(ROOT, a)), f"{' '.join(argv)}: no {a}"
         return
     if isinstance(check, str):
-        if script in PENDING and not os.path.exists(os.path.join(ROOT, script)):
-            warnings.warn(f"README command not checked: {check}")
-            pytest.skip(f"{check}; remove it from PENDING in tests/test_readme.py once merged")
         pytest.fail(f"{' '.join(argv)}: {check}")
     p = done[tuple(argv)]
     assert p.returncode == 0, f"{' '.join(check[1:])} -> exit {p.returncode}\n{p.stdout[-1500:]}\n{p.stderr[-1500:]}"
