@@ -564,3 +564,5 @@ if state["eval_last"] is not None:
     print0(f"held-out greedy accuracy: {change} in {state['wall'] / 60:.1f} min of training, {state['rollouts']} rollouts")
 if cfg.wandb and master:
     wandb.finish()
+if ddp:  # every rank past its last collective before any tears its connections down (atexit destroys the group)
+    dist.barrier()

@@ -166,6 +166,7 @@ torch_model, tok = from_pretrained(sys.argv[1])
 res = evaluate(torch_model, tok, load_problems(sys.argv[2], "train")[:7], n=2, temperature=1.0, max_new_tokens=6,
                batch_size=4, fallbacks=("last_number",), seed=3, shard=(dist.get_rank(), dist.get_world_size()))
 json.dump(res, open(sys.argv[3] + str(dist.get_rank()), "w"))
+dist.barrier()  # as train.py ends: no rank tears down while another still talks to it
 dist.destroy_process_group()
 """
 
