@@ -565,4 +565,4 @@ if state["eval_last"] is not None:
 if cfg.wandb and master:
     wandb.finish()
 if ddp:  # every rank past its last collective before any tears its connections down (atexit destroys the group)
-    dist.barrier()
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
