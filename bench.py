@@ -61,7 +61,6 @@ from rollout import Bf16Emulation, completion_logprobs, generate, shared_prefix_
 ROOT = os.path.dirname(os.path.abspath(__file__))
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: "fp32" peak and training alike use TF32 on CUDA
 FALLBACKS = ("boxed", "last_number")
 WORK = dict(cpu=(8, 8, 48), gpu=(32, 8, 256))  # the RL step's prompts, k, max new tokens
 
@@ -249,7 +248,7 @@ def trl_config(out, P, K, new, bf16, stops, steps):
                       loss_type="grpo", epsilon=0.2, epsilon_high=0.28, use_vllm=False, logging_steps=1,
                       report_to=[], bf16=bf16, max_steps=steps + 1, save_strategy="no", seed=0,
                       gradient_checkpointing=False,  # TRL's default is True; ours (grad_ckpt) is off
-                      tf32=True if device.type == "cuda" else None,  # as train.py
+                      tf32=False if device.type == "cuda" else None,  # as train.py: fp32 is fp32
                       use_cpu=device.type == "cpu",  # transformers >= 5.25 refuses bf16 on a CPU without it
                       generation_kwargs=dict(eos_token_id=stops))
 

@@ -455,7 +455,13 @@ def report(c):
              if r not in borrowed and same(r["train_args"]) != same(train_args(r["method"], r["seed"], c))]
     if stale:  # the header above describes this invocation's settings
         md += f"\nWarning: made with other training settings than described above: {', '.join(stale)}\n"
-    with open(os.path.join(c.out, "RESULTS.md"), "w") as f:
+    path = os.path.join(c.out, "RESULTS.md")
+    old = open(path).read() if os.path.exists(path) else ""
+    i, j = old.find("**Produced by**"), old.find(f"\n{c.model} on ")
+    if 0 <= i < j:  # the command and commits written by hand under the title survive a rebuild (--report_only)
+        title, body = md.split("\n\n", 1)
+        md = f"{title}\n\n{old[i:j + 1]}{body}"
+    with open(path, "w") as f:
         f.write(md)
     print("\n" + md)
     plot(results, c.out, diff)

@@ -236,7 +236,7 @@ def generate(model, prompts, k=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
             hs, hr = zip(*[(s, r) for s, r in take if r // k // g == gi])
             Lp, ss, rr = pv.size(1), dev(hs), dev(hr)
             pp = rr // k - gi * g
-            cache.k[:, ss, :, :Lp], cache.v[:, ss, :, :Lp] = gk[:, pp], gv[:, pp]
+            cache.k[:, ss, :, :Lp], cache.v[:, ss, :, :Lp] = gk[:, pp].to(dtype), gv[:, pp].to(dtype)  # (autocast: bf16)
             valid[ss], valid[ss, :Lp] = True, pv[pp]
             pos[ss], col[ss], t[ss], row[ss] = pv[pp].sum(-1), Lp, 1, rr
             x, lp, d = sample_step(logits[pp], noise[rr, 0], done[ss] & False, stop, pad_id, temperature, top_k, top_p)

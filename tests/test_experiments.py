@@ -228,6 +228,11 @@ def test_experiments_quick_end_to_end_and_resume(tiny):
     md = (one / "RESULTS.md").read_text()
     assert p.returncode == 0 and "| grpo2 | 1 |" in md and "| 12.5% |" in md and "Warning" not in md
     assert f"The grpo16 rows are 1 runs of {os.path.relpath(out, ROOT)}, made with their own settings: --model=" in md
+    # a rebuild keeps the hand-written "Produced by" header under the title (results/*/RESULTS.md have one)
+    header = "**Produced by** (from the repository root):\n\n```\npython experiments.py --methods=grpo2\n```\n\n"
+    (one / "RESULTS.md").write_text(md.replace("\n\n", "\n\n" + header, 1))
+    p = script("experiments.py", tiny, *args[:-2], "--methods=grpo2", f"--out={one}", "--report_only", f"--base_from={out}")
+    assert p.returncode == 0 and (one / "RESULTS.md").read_text() == md.replace("\n\n", "\n\n" + header, 1)
     p = script("experiments.py", tiny, *args[:-2], "--methods=grpo2", f"--out={one}", "--report_only", f"--base_from={one}")
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [f"error: --base_from={one}: no grpo16_s<seed>.json there"]
 

@@ -156,6 +156,19 @@ def test_fast_paths_equal_per_row_reference(tiny, slots, sync, compiled):
         assert ro.finish[r] == ("eos" if toks[-1] in stop else "length")
 
 
+def test_autocast_bf16_over_fp32_weights(tiny):
+    """train.py --dtype=bfloat16 on a CPU samples under autocast with fp32 weights: the cache is fp32 and the
+    prefill's keys/values bf16. Refilled slots (3 for 8 rows) copy them in; 6b86717 raised "Index put requires the
+    source and destination dtypes match" at the first refill (python bench.py's bf16 RL step row)."""
+    model, tok = tiny
+    prompts = chat_ids(tok, ["a", "a longer prompt", "mid one", "xyz"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ro = generate(model, prompts, k=2, max_new_tokens=6, seed=list(range(8)), mem_budget=3 * row_bytes(model, 64))
+    m = ro.mask.bool()
+    assert ro.tokens.shape[0] == 8 and m[:, 0].all() and (ro.logp[m] <= 0).all() and ro.logp[m].isfinite().all()
+    assert (ro.tokens[m] < model.cfg.vocab_size).all() and ro.logp.dtype == torch.float32
+
+
 def test_rope_stays_fp32_in_bf16(tiny_dir):
     """model.to(bf16) and from_pretrained(dtype=bf16) keep inv_freq fp32: the RoPE tables at positions up to 4096
     equal the fp32 model's exactly (old main: bf16 inv_freq, angles off by radians)."""
