@@ -433,6 +433,8 @@ def main(argv):
     work = WORK["gpu" if gpu else "cpu"]
     timeout = 120 if gpu else 3600  # per train.py / TRL run: the whole --gpu run must fit a lent GPU's ~10 minutes
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would cut into the table
     model, tok = from_pretrained(device=device)
     n_params, cfg = model.num_params(), model.cfg
     stops = stop_token_ids(tok, cfg)

@@ -35,7 +35,18 @@ SUPPORTED = ("llama", "qwen2", "qwen3")
 # backward). None: by device; True / False force it (tests run the CUDA path on a CPU, without grad).
 FLEX = None
 FLEX_BLOCK = 128  # key columns per block: Flex skips blocks no query may see (columns not written yet)
-_flex = torch.compile(flex_attention)  # uncompiled Flex is a slow reference; nested in a compiled decode it inlines
+_flex_compiled = None
+
+
+def _flex(q, k, v, **kw):
+    """flex_attention compiled (uncompiled it is a slow reference). Inside a compiled graph (the decode) the raw call
+    is traced into it; in eager, one torch.compile wrapper, made on first use: torch.compile imports dynamo and
+    inductor, 2 s that every train.py / eval.py start would pay at import (the CPU never uses Flex)."""
+    global _flex_compiled
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, **kw)
+    _flex_compiled = _flex_compiled or torch.compile(flex_attention)
+    return _flex_compiled(q, k, v, **kw)
 
 
 def use_flex(device):
