@@ -271,7 +271,7 @@ def part_train(a):
     base = [f"--model={work}/model", "--data=synthetic:1", "--fallbacks=boxed,last_number", "--prompts_per_step=4",
             "--prompts_per_update=2", "--k=2", "--max_new_tokens=16", "--kl_coef=0.001", "--eval_every=0",
             "--eval_n=4", "--sample_every=0", f"--device={a.device}",
-            "--dtype=" + ("bfloat16" if cuda else "float32")] + ([] if cuda else ["--threads=1"])
+            "--dtype=bfloat16"] + ([] if cuda else ["--threads=1"])  # on a CPU too: autocast over fp32 weights
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     script = lambda compile: (["--no-python", sys.executable, "-c", NO_INDUCTOR] if compile and not cuda else []) + \
         ["train.py"]

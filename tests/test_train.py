@@ -49,11 +49,11 @@ def params(out):
 @pytest.mark.parametrize("args", [
     ["--algo=grpo", "--k=2", "--grad_ckpt=True"],
     ["--algo=grpo", "--k=4", "--agg=token_mean", "--adv_unbiased=True", "--train_n=10"],
-    ["--algo=grpo", "--k=2", "--kl_coef=0.05", "--agg=const"],
+    ["--algo=grpo", "--k=2", "--kl_coef=0.05", "--agg=const", "--dtype=bfloat16"],  # CPU autocast over fp32 weights
     ["--algo=grpo", "--k=2", "--resample=True"],
     ["--algo=dpo", "--k=2"],
     ["--algo=dpo_offline", "--ipo=True"],
-], ids=["2grpo", "4grpo", "kl", "2grpo_rs", "dpo_online", "dpo_offline"])
+], ids=["2grpo", "4grpo", "kl_bf16", "2grpo_rs", "dpo_online", "dpo_offline"])
 def test_each_algorithm_trains(setup, tmp_path, args):
     extra = [f"--data={setup['prefs']}"] if "--algo=dpo_offline" in args else []
     p = run(setup, tmp_path, *args, *extra)
