@@ -629,7 +629,7 @@ def main():
     with open(os.path.join(a.out, "gpucheck.log"), "w") as log:
         jobs = []
         for part in parts:  # side-by-side parts start at once; each timed part waits for everything before it
-            if part not in SIDE_BY_SIDE:
+            if part not in SIDE_BY_SIDE and not a.tiny:  # (--tiny times nothing: every part at once)
                 for job in jobs:
                     record(job["part"], finish_part(job, log), job["t0"])
                 jobs = []

@@ -137,7 +137,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg):
     """Inverse frequencies (head_dim/2,), with Llama-3 / linear scaling when configured."""
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+    # on the CPU even while a model is built on meta: real values, and no torch._refs (which import torch._dynamo)
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu").float() / cfg.head_dim))
     s = cfg.rope_scaling
     kind = s.get("rope_type", s.get("type", "default")) if s else "default"
     if kind == "linear":
@@ -251,7 +252,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # init by hand: nn.Embedding's on meta (from_pretrained) imports torch._dynamo, 0.6 s of every start
+        w = torch.empty(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=w if w.is_meta else nn.init.normal_(w))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -472,7 +475,6 @@ def from_pretrained(name_or_path=DEFAULT_MODEL, device="cpu", dtype=torch.float3
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg)  # buffers built on meta have no data
     return model.to(device=device, dtype=dtype).eval(), tok
 
 

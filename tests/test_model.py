@@ -178,3 +178,19 @@ def test_decode_linear_layout_equals_module(bias):
     x = torch.randn(2, 48, requires_grad=True)
     linear(x, layer).sum().backward()  # with grad on it is plain nn.Linear, so training is untouched
     assert x.grad is not None
+
+
+def test_start_imports_no_compiler(tiny_dir):
+    """Loading a model, sampling and scoring on a CPU import neither torch._dynamo nor inductor: 2.6 s of every eval.py,
+    --dry_run and train.py start at 6b86717 (a module-level torch.compile of flex_attention; nn.init and RoPE's pow on
+    the meta device run through torch._refs). train.py's AdamW still imports torch._dynamo (0.6 s)."""
+    code = ("import sys, torch, model, rollout\n"
+            f"m, tok = model.from_pretrained({tiny_dir('qwen2')!r})\n"
+            "ro = rollout.generate(m, [[5, 6, 7], [8, 9]], k=2, max_new_tokens=4)\n"
+            "rollout.completion_logprobs(m, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, 1.0).sum().backward()\n"
+            "print(sorted(x for x in sys.modules if x.startswith(('torch._dynamo', 'torch._inductor')))[:3])\n")
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]
