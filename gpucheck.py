@@ -10,7 +10,8 @@ synthetic integer problems scored in-process: no hub, no GGUF, no math-verify, n
 Each part runs in its own process under its own timeout (a hang or a CUDA crash costs only that part), and
 gpucheck.json + gpucheck.md (+ gpucheck.log, the parts' output) are rewritten in --out after every part, so a run
 cut off still returns what it measured. --budget bounds the whole run (later parts get what is left). The first four
-parts (correctness, tiny models) run side by side; the timed ones after them, one at a time. Parts:
+parts (correctness, tiny models) run side by side; the timed ones after them, one at a time (--tiny: all at once).
+Parts:
   tests             pytest -q tests -k cuda
   parity            ours vs transformers (llama, qwen2, qwen3 tiny configs) at positions 0+ and 3000+: fp32 logits
                     equal; in bf16, ours' error against the fp32 logits and layer 0's q after RoPE within 2x theirs
