@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,8 +191,6 @@ def test_start_imports_no_compiler(tiny_dir):
             "ro = rollout.generate(m, [[5, 6, 7], [8, 9]], k=2, max_new_tokens=4)\n"
             "rollout.completion_logprobs(m, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, 1.0).sum().backward()\n"
             "print(sorted(x for x in sys.modules if x.startswith(('torch._dynamo', 'torch._inductor')))[:3])\n")
-    import subprocess
-    import sys
     p = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]
